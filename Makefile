@@ -1,0 +1,20 @@
+# `make demo` and `make test` each build the virtual environment they need (.venv) first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+$(BIN)/mmoe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/mmoe
+	$(BIN)/mmoe smoke --config configs/beit3/debug.yaml
+
+test: $(BIN)/mmoe
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,43 @@
+"""multimodal_moe: BEiT-3-style Multiway Transformers and decoder LMs with Mixture-of-Experts FFNs.
+
+Shape vocabulary, used in tensor names (``x_BTD``, ``w1_EDF``) and shape comments everywhere:
+
+    B batch            T tokens (sequence)     D model dim        F ffn (hidden) dim
+    E experts          K top-k                 H heads            d head dim (D / H)
+    G group size (MoT) P image patches         L text tokens      V vocabulary
+    C image channels   N layers
+
+Public API (stable)::
+
+    import multimodal_moe as mm
+    cfg = mm.load_config("configs/beit3/debug.yaml", overrides=["model.depth=4"])  # strict
+    model = mm.build_model(cfg)
+    out = model(images=x_BCHW, text_ids=ids_BL, text_padding_mask=pad_BL)         # any subset
+    out.hidden, out.aux_loss, out.moe_stats
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config, dump_config, list_presets, load_config
+from .configurable import ConfigError
+from .layers.ffn import FFNConfig, FFNOutput
+from .models import ModelConfig, ModelOutput
+
+__all__ = ["Config", "ConfigError", "FFNConfig", "FFNOutput", "ModelConfig", "ModelOutput", "build_model",
+           "dump_config", "list_presets", "load_config"]
+
+__version__ = "0.1.0"
+
+
+def build_model(cfg: Config | ModelConfig, *, seed: int | None = None) -> nn.Module:
+    """The model a config describes, initialised from ``seed`` (default: ``cfg.seed``, or 0
+    for a bare model config) without touching the global RNG."""
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    if seed is None:
+        seed = cfg.seed if isinstance(cfg, Config) else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cfg.build()

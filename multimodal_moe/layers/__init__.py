@@ -1,0 +1,9 @@
+"""Building blocks: attention, the FFN interface and its variants, Multiway routing, blocks."""
+
+from .attention import Attention, RotaryEmbedding, attend
+from .block import Block, run_blocks
+from .ffn import DenseFFN, DenseFFNConfig, FFNConfig, FFNOutput
+from .multiway import Multiway
+
+__all__ = ["Attention", "Block", "DenseFFN", "DenseFFNConfig", "FFNConfig", "FFNOutput", "Multiway",
+           "RotaryEmbedding", "attend", "run_blocks"]
