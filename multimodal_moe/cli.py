@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -50,11 +51,16 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         "params_without_grad": report.params_without_grad,
         "ok": report.ok,
     }))
-    if not report.ok:
-        print("smoke FAILED: " + ("non-finite loss" if report.params_without_grad == [] else
-                                  f"{len(report.params_without_grad)} parameters got no gradient"), file=sys.stderr)
-        return 1
-    return 0
+    if report.ok:
+        print(f"ok: {report.parameters:,} parameters, {len(report.losses)} steps, stand-in loss "
+              f"{report.losses[0]:.4f} -> {report.losses[-1]:.4f}, {report.seconds_per_step:.3f} s/step, "
+              "every parameter received a gradient")
+        return 0
+    problems = [f"{len(report.params_without_grad)} parameters got no gradient"] if report.params_without_grad else []
+    if not all(math.isfinite(x) for x in report.losses):
+        problems.append("the loss is not finite")
+    print(f"smoke FAILED: {'; '.join(problems)}", file=sys.stderr)
+    return 1
 
 
 def parser() -> argparse.ArgumentParser:

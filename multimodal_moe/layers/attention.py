@@ -57,8 +57,8 @@ def attend(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, *,
         return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, dropout_p=dropout_p, is_causal=causal)
     allowed_B11T = ~key_padding_mask_BT[:, None, None, :]
     if causal:
-        # A left-padded query would see no key at all and turn to NaN, which a later masked
-        # key would still carry into the sum (0 * NaN); let every query see itself.
+        # A left-padded query sees no key at all; some kernels (and torch < 2.5-era SDPA) turn
+        # it to NaN, which then leaks through 0 * NaN. Let every query see itself.
         T = q_BHTd.shape[-2]
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=q_BHTd.device).tril()
         allowed_B11T = (allowed_B11T & causal_TT) | torch.eye(T, dtype=torch.bool, device=q_BHTd.device)
