@@ -3,7 +3,8 @@
 from .attention import Attention, RotaryEmbedding, attend
 from .block import Block, run_blocks
 from .ffn import DenseFFN, DenseFFNConfig, FFNConfig, FFNOutput
+from .moe import MultiHeadMoE, MultiHeadMoEConfig, TopKMoE, TopKMoEConfig
 from .multiway import Multiway
 
-__all__ = ["Attention", "Block", "DenseFFN", "DenseFFNConfig", "FFNConfig", "FFNOutput", "Multiway",
-           "RotaryEmbedding", "attend", "run_blocks"]
+__all__ = ["Attention", "Block", "DenseFFN", "DenseFFNConfig", "FFNConfig", "FFNOutput", "MultiHeadMoE",
+           "MultiHeadMoEConfig", "Multiway", "RotaryEmbedding", "TopKMoE", "TopKMoEConfig", "attend", "run_blocks"]

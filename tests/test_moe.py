@@ -1,0 +1,307 @@
+"""Top-k MoE and Multi-Head MoE against slow obvious oracles on the same weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multimodal_moe.configurable import ConfigError
+from multimodal_moe.layers.moe import MultiHeadMoEConfig, TopKMoEConfig, _grouped_mm_supported
+
+ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def expert_oracle(moe, e, x_D):
+    ex = moe.experts
+    h = x_D @ ex.w1_EDF[e]
+    h = F.silu(h) * (x_D @ ex.w3_EDF[e]) if ex.activation == "swiglu" else ACT[ex.activation](h)
+    return h @ ex.w2_EFD[e]
+
+
+def route_oracle(moe, x_ND):
+    """Loop over choices and tokens, filling experts in k-major order up to capacity."""
+    cfg, (N, D) = moe.cfg, x_ND.shape
+    probs = moe.router(x_ND).softmax(-1)
+    gates, experts = probs.topk(cfg.top_k, dim=-1)
+    if cfg.renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    factor = cfg.capacity(moe.training)
+    capacity = math.inf if factor is None else math.ceil(factor * cfg.top_k * N / cfg.num_experts)
+    filled = [0] * cfg.num_experts
+    out = [x_ND.new_zeros(D) for _ in range(N)]
+    dropped = 0
+    for k in range(cfg.top_k):
+        for n in range(N):
+            e = int(experts[n, k])
+            if filled[e] >= capacity:
+                dropped += 1
+                continue
+            filled[e] += 1
+            out[n] = out[n] + gates[n, k].to(x_ND.dtype) * expert_oracle(moe, e, x_ND[n])
+    return torch.stack(out), dropped
+
+
+def topk_oracle(moe, x_BTD, mask_BT=None):
+    B, T, D = x_BTD.shape
+    flat, keep = x_BTD.reshape(-1, D), (torch.ones(B * T, dtype=torch.bool) if mask_BT is None else mask_BT.reshape(-1))
+    y, dropped = route_oracle(moe, flat[keep])
+    out = flat.new_zeros(B * T, D)
+    out[keep] = y
+    out = out.reshape(B, T, D)
+    if moe.shared_expert is not None:
+        out = out + moe.shared_expert(x_BTD).hidden
+    return out, dropped
+
+
+def einsum_oracle(moe, x_ND):
+    """GShard's one-hot dispatch/combine einsums (dropless: capacity N per expert)."""
+    cfg, (N, D) = moe.cfg, x_ND.shape
+    probs = moe.router(x_ND).softmax(-1)
+    gates, experts = probs.topk(cfg.top_k, dim=-1)
+    if cfg.renormalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    dispatch_NEC = torch.zeros(N, cfg.num_experts, N * cfg.top_k, dtype=x_ND.dtype)
+    combine_NEC = torch.zeros_like(dispatch_NEC)
+    slot = [0] * cfg.num_experts
+    for k in range(cfg.top_k):
+        for n in range(N):
+            e = int(experts[n, k])
+            dispatch_NEC[n, e, slot[e]] = 1
+            combine_NEC[n, e, slot[e]] = gates[n, k]
+            slot[e] += 1
+    x_ECD = torch.einsum("nec,nd->ecd", dispatch_NEC, x_ND)
+    y_ECD = torch.stack([expert_oracle(moe, e, x_ECD[e]) for e in range(cfg.num_experts)])
+    return torch.einsum("nec,ecd->nd", combine_NEC, y_ECD)
+
+
+def make(dim=16, seed=0, **kw):
+    cfg_cls = MultiHeadMoEConfig if "heads" in kw or "sub_token_residual" in kw else TopKMoEConfig
+    cfg = cfg_cls(**{"hidden_dim": 32, "num_experts": 4, "top_k": 2, **kw})
+    torch.manual_seed(seed)
+    return cfg.build(dim)
+
+
+def grads(module, x, out):
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    (out * weight).sum().backward()
+    return {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}}
+
+
+def assert_same_with_grads(module, x, fast_fn, oracle_fn):
+    fast = fast_fn()
+    g_fast = grads(module, x, fast)
+    oracle = oracle_fn()
+    g_oracle = grads(module, x, oracle)
+    torch.testing.assert_close(fast, oracle, rtol=1e-5, atol=1e-5)
+    assert g_fast.keys() == g_oracle.keys()
+    for name in g_fast:
+        torch.testing.assert_close(g_fast[name], g_oracle[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+CASES = {
+    "top1": dict(top_k=1),
+    "top2": dict(),
+    "top2_renorm_swiglu": dict(renormalize=True, activation="swiglu"),
+    "k_equals_E": dict(top_k=4),
+    "zero_token_experts": dict(num_experts=16, top_k=1),
+    "capacity_overflow": dict(capacity_factor=0.5),
+    "xmoe": dict(router="xmoe", top_k=1),
+    "shared_expert": dict(shared_expert_dim=24, activation="silu"),
+    "unaligned_dims_split_path": dict(hidden_dim=10),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_topk_matches_loop_oracle(case, padded):
+    moe = make(**CASES[case])
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    mask = None
+    if padded:
+        mask = torch.ones(3, 5, dtype=torch.bool)
+        mask[0, 3:] = False
+        mask[2, 1:] = False
+    out = moe(x, token_mask_BT=mask)
+    expected, dropped = topk_oracle(moe, x, mask)
+    n_real = 15 if mask is None else int(mask.sum())
+    assert out.stats["routed_tokens"] == n_real
+    assert out.stats["tokens_per_expert"].sum() == n_real * moe.cfg.top_k
+    torch.testing.assert_close(out.stats["dropped_fraction"], torch.tensor(dropped / (n_real * moe.cfg.top_k)))
+    if case == "capacity_overflow":
+        assert dropped > 0
+    if case == "zero_token_experts":
+        assert (out.stats["tokens_per_expert"] == 0).any()
+    assert_same_with_grads(moe, x, lambda: moe(x, token_mask_BT=mask).hidden, lambda: topk_oracle(moe, x, mask)[0])
+
+
+def test_grouped_mm_path_is_the_one_tested():
+    x = torch.randn(4, 16)
+    assert _grouped_mm_supported(x, make().experts.w1_EDF)
+    assert not _grouped_mm_supported(torch.randn(4, 10), make().experts.w2_EFD[:, :10])
+    assert not _grouped_mm_supported(x.double(), make().experts.w1_EDF.double())
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_topk_matches_one_hot_einsum(top_k):
+    moe = make(top_k=top_k, renormalize=True)
+    x = torch.randn(1, 12, 16, requires_grad=True)
+    assert_same_with_grads(moe, x, lambda: moe(x).hidden, lambda: einsum_oracle(moe, x[0])[None])
+
+
+def test_capacity_semantics_in_eval():
+    x = torch.randn(2, 8, 16)
+    same = make(capacity_factor=0.5).eval()
+    assert same(x).stats["dropped_fraction"] > 0
+    dropless = make(capacity_factor=0.5, eval_capacity_factor="dropless").eval()
+    assert dropless(x).stats["dropped_fraction"] == 0
+    assert dropless.train()(x).stats["dropped_fraction"] > 0
+    torch.testing.assert_close(dropless.eval()(x).hidden, topk_oracle(dropless, x)[0])
+
+
+def directed_router(moe, targets):
+    """Inputs and router weights that send token n to expert targets[n] with probability ~1."""
+    E, D = moe.cfg.num_experts, 16
+    with torch.no_grad():
+        moe.router.weight_ED.copy_(torch.eye(E, D) * 100)
+    return torch.eye(E, D)[targets][None]
+
+
+def test_balance_loss_at_perfect_balance_and_collapse():
+    moe = make(top_k=1, z_loss_weight=0.0)
+    balanced = moe(directed_router(moe, torch.arange(8) % 4))
+    torch.testing.assert_close(balanced.stats["balance_loss"], torch.tensor(1.0))
+    assert balanced.stats["activation_ratio"] == 1.0
+    collapsed = moe(directed_router(moe, torch.zeros(8, dtype=torch.long)))
+    torch.testing.assert_close(collapsed.stats["balance_loss"], torch.tensor(4.0))
+    torch.testing.assert_close(collapsed.aux_loss, torch.tensor(0.04))
+    assert collapsed.stats["activation_ratio"] == 0.25
+    torch.testing.assert_close(collapsed.stats["router_entropy"], torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_aux_losses_equal_their_formulas():
+    moe = make(top_k=2)
+    x = torch.randn(2, 6, 16)
+    out = moe(x)
+    logits = moe.router(x.reshape(-1, 16))
+    probs = logits.softmax(-1)
+    chosen = probs.topk(2, dim=-1).indices
+    share = torch.stack([(chosen == e).sum() for e in range(4)]).float() / (12 * 2)
+    balance = 4 * (share * probs.mean(0)).sum()
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(out.aux_loss, 0.01 * balance + 1e-4 * z)
+    entropy = -(probs * probs.log()).sum(-1).mean()
+    torch.testing.assert_close(out.stats["router_entropy"], entropy)
+
+
+def test_padding_is_never_routed_and_never_leaks():
+    moe = make()
+    x = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    out = moe(x, token_mask_BT=mask)
+    changed = x.clone()
+    changed[1, 2:] = 100 * torch.randn(4, 16)
+    again = moe(changed, token_mask_BT=mask)
+    torch.testing.assert_close(again.hidden, out.hidden)
+    torch.testing.assert_close(again.aux_loss, out.aux_loss)
+    assert (out.hidden[~mask] == 0).all()
+
+
+def test_router_jitter_only_in_training():
+    moe = make(router_jitter=0.5).eval()
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(moe(x).hidden, topk_oracle(moe, x)[0])
+    moe.train()
+    torch.manual_seed(0)
+    a = moe(x).aux_loss
+    torch.manual_seed(1)
+    assert moe(x).aux_loss != a
+
+
+def mh_oracle(moe, x_BTD, mask=None):
+    B, T, D = x_BTD.shape
+    h = moe.heads
+    flat = x_BTD.reshape(-1, D)
+    keep = torch.ones(B * T, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    tokens = flat[keep]
+    if moe.head_proj is not None:
+        tokens = moe.head_proj(tokens)
+    subs = tokens.reshape(-1, D // h)
+    y, _ = route_oracle(moe, subs)
+    if moe.cfg.sub_token_residual:
+        y = y + subs
+    y = y.reshape(-1, D)
+    if moe.merge_proj is not None:
+        y = moe.merge_proj(y)
+    out = flat.new_zeros(B * T, D)
+    out[keep] = y
+    return out.reshape(B, T, D)
+
+
+@pytest.mark.parametrize("kw", [dict(heads=4), dict(heads=2, top_k=1, capacity_factor=0.5),
+                                dict(heads=4, sub_token_residual=True, router="xmoe"), dict(heads=2, hidden_dim=10)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_mh_moe_matches_oracle(kw, padded):
+    moe = make(dim=32, **kw)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        mask[1, 2:] = False
+    out = moe(x, token_mask_BT=mask)
+    n_real = 10 if mask is None else int(mask.sum())
+    assert out.stats["routed_tokens"] == n_real * kw["heads"]
+    assert moe.router(torch.randn(3, 32 // kw["heads"])).shape == (3, 4)
+    assert_same_with_grads(moe, x, lambda: moe(x, token_mask_BT=mask).hidden, lambda: mh_oracle(moe, x, mask))
+
+
+def test_mh_moe_with_one_head_is_topk_moe():
+    mh = make(heads=1, seed=3)
+    plain = make(seed=3)
+    assert mh.state_dict().keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, mh.state_dict()[key]), key
+    x = torch.randn(2, 5, 16)
+    a, b = mh(x), plain(x)
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=0)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(router="xmoe", renormalize=True, activation="swiglu", shared_expert_dim=4),
+                                dict(heads=2), dict(heads=2, sub_token_residual=True)])
+def test_float64_gradcheck(kw):
+    moe = make(dim=8, hidden_dim=6, **kw).double()
+    x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    # routing is piecewise constant in x: check the gradient through the chosen experts
+    assert torch.autograd.gradcheck(lambda x: moe(x).hidden, (x,), eps=1e-6, atol=1e-5)
+    params = [p for p in moe.parameters()]
+    assert torch.autograd.gradcheck(lambda *ps: torch.func.functional_call(
+        moe, dict(zip([n for n, _ in moe.named_parameters()], ps)), (x.detach(),)).hidden, params, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("top_k", 5, "between 1 and num_experts 4"),
+    ("top_k", 0, "between 1"),
+    ("capacity_factor", 0.0, "positive"),
+    ("eval_capacity_factor", -1.0, "positive"),
+    ("router_jitter", 1.0, "[0, 1)"),
+    ("num_experts", 0, "positive"),
+])
+def test_moe_config_validation(field, value, words):
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(**{"hidden_dim": 8, "num_experts": 4, field: value})
+    assert info.value.key == field and words in info.value.message
+
+
+def test_mh_moe_config_validation():
+    with pytest.raises(ConfigError) as info:
+        MultiHeadMoEConfig(hidden_dim=8, shared_expert_dim=4)
+    assert info.value.key == "shared_expert_dim"
+    with pytest.raises(ConfigError) as info:
+        MultiHeadMoEConfig(hidden_dim=8, heads=3).build(16)
+    assert info.value.key == "heads" and "16" in info.value.message
