@@ -21,13 +21,16 @@ def expert_oracle(moe, e, x_D):
     return h @ ex.w2_EFD[e]
 
 
+def oracle_choices(moe, x_ND):
+    """(gates, experts), each (N, K), straight from the router's softmax."""
+    gates, experts = moe.router(x_ND).softmax(-1).topk(moe.cfg.top_k, dim=-1)
+    return (gates / gates.sum(-1, keepdim=True) if moe.cfg.renormalize else gates), experts
+
+
 def route_oracle(moe, x_ND):
     """Loop over choices and tokens, filling experts in k-major order up to capacity."""
     cfg, (N, D) = moe.cfg, x_ND.shape
-    probs = moe.router(x_ND).softmax(-1)
-    gates, experts = probs.topk(cfg.top_k, dim=-1)
-    if cfg.renormalize:
-        gates = gates / gates.sum(-1, keepdim=True)
+    gates, experts = oracle_choices(moe, x_ND)
     factor = cfg.capacity(moe.training)
     capacity = math.inf if factor is None else math.ceil(factor * cfg.top_k * N / cfg.num_experts)
     filled = [0] * cfg.num_experts
@@ -59,10 +62,7 @@ def topk_oracle(moe, x_BTD, mask_BT=None):
 def einsum_oracle(moe, x_ND):
     """GShard's one-hot dispatch/combine einsums (dropless: capacity N per expert)."""
     cfg, (N, D) = moe.cfg, x_ND.shape
-    probs = moe.router(x_ND).softmax(-1)
-    gates, experts = probs.topk(cfg.top_k, dim=-1)
-    if cfg.renormalize:
-        gates = gates / gates.sum(-1, keepdim=True)
+    gates, experts = oracle_choices(moe, x_ND)
     dispatch_NEC = torch.zeros(N, cfg.num_experts, N * cfg.top_k, dtype=x_ND.dtype)
     combine_NEC = torch.zeros_like(dispatch_NEC)
     slot = [0] * cfg.num_experts
