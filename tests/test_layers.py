@@ -97,8 +97,8 @@ def test_dense_ffn_matches_its_formula(activation, sub_ln):
 def test_every_ffn_kind_honours_the_interface(kind):
     cfg = FFNConfig.kinds()[kind](hidden_dim=16)
     ffn = cfg.build(8)
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    mask = torch.ones(3, 5, dtype=torch.bool)
+    x = torch.randn(32, 5, 8, requires_grad=True)  # 32: Mixture of Tokens' default group size
+    mask = torch.ones(32, 5, dtype=torch.bool)
     mask[2, 3:] = False
     out = ffn(x, token_mask_BT=mask)
     assert isinstance(out, FFNOutput) and out.hidden.shape == x.shape and out.aux_loss.shape == ()

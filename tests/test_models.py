@@ -129,3 +129,32 @@ def test_smoke_reports_parameters_without_gradient():
     model.unused = torch.nn.Parameter(torch.zeros(3))
     report = run_smoke(model, cfg.model, steps=1)
     assert report.params_without_grad == ["unused"] and not report.ok
+
+
+MOE_IN_MODELS = {
+    "vision MoE, text dense": ("beit3/debug", ["model.vision_ffn={kind: topk_moe, hidden_dim: 32, num_experts: 4}"]),
+    "every branch MH-MoE, VL MoT": ("beit3/debug_paper", [
+        "model.ffn={kind: mh_moe, hidden_dim: 32, num_experts: 4, heads: 2, top_k: 1}",
+        "model.vision_language_ffn={kind: mot, hidden_dim: 32, num_experts: 4, group_size: 2}"]),
+    "LM X-MoE": ("lm/debug", ["model.ffn={kind: topk_moe, hidden_dim: 32, num_experts: 4, router: xmoe, top_k: 1}"]),
+}
+
+
+@pytest.mark.parametrize("case", MOE_IN_MODELS)
+def test_moe_ffns_inside_models(case):
+    preset, overrides = MOE_IN_MODELS[case]
+    cfg, model = tiny(preset, *overrides)
+    report = run_smoke(model, cfg.model, steps=2)
+    assert report.ok, report.params_without_grad
+    kwargs = synthetic_inputs(cfg.model)[-1]
+    out = model(**kwargs)
+    assert out.aux_loss > 0
+    stats = out.moe_stats[-1]
+    if preset == "beit3/debug":  # vision MoE only: stats for the vision branch, counting vision tokens only
+        assert set(stats) == {"vision"}
+        assert stats["vision"]["routed_tokens"] == 2 * (1 + cfg.model.num_patches)
+    elif preset == "beit3/debug_paper":  # joint input goes through the VL-FFN (MoT) in the top layer
+        assert set(stats) == {"vision_language"} and "mixing_entropy" in stats["vision_language"]
+        assert set(out.moe_stats[0]) == {"vision", "text"}
+    else:  # padded text: the padding token is not routed
+        assert set(stats) == {"shared"} and stats["shared"]["routed_tokens"] == kwargs["ids_BT"].numel() - 1
