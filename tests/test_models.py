@@ -158,3 +158,36 @@ def test_moe_ffns_inside_models(case):
         assert set(out.moe_stats[0]) == {"vision", "text"}
     else:  # padded text: the padding token is not routed
         assert set(stats) == {"shared"} and stats["shared"]["routed_tokens"] == kwargs["ids_BT"].numel() - 1
+
+
+def test_moe_placement_every_n_and_explicit_layers():
+    from multimodal_moe.layers import DenseFFN, MultiHeadMoE, TopKMoE
+
+    moe = "model.moe_ffn={kind: topk_moe, hidden_dim: 32, num_experts: 4}"
+    _, lm = tiny("lm/debug", "model.depth=4", "model.moe_every=2", moe)
+    assert [type(layer.ffn) for layer in lm.layers] == [DenseFFN, TopKMoE, DenseFFN, TopKMoE]
+    _, lm = tiny("lm/debug", "model.depth=4", "model.moe_layers=[0, 3]", moe)
+    assert [type(layer.ffn) for layer in lm.layers] == [TopKMoE, DenseFFN, DenseFFN, TopKMoE]
+    cfg, enc = tiny("beit3/debug_paper", "model.moe_every=3", "model.moe_branches=[vision, vision_language]",
+                    "model.moe_ffn={kind: mh_moe, hidden_dim: 32, num_experts: 4, heads: 2}")
+    top = enc.layers[2].ffn
+    assert (type(top.vision), type(top.text), type(top.vision_language)) == (MultiHeadMoE, DenseFFN, MultiHeadMoE)
+    assert all(isinstance(branch, DenseFFN) for layer in enc.layers[:2] for branch in layer.ffn.values())
+    assert run_smoke(enc, cfg.model, steps=1).ok
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["model.moe_every=2"], "model.moe_ffn", "is null"),
+    (["model.moe_ffn={kind: topk_moe, hidden_dim: 8}"], "model.moe_ffn", "no layer uses it"),
+    (["model.moe_ffn={kind: topk_moe, hidden_dim: 8}", "model.moe_layers=[3]"], "model.moe_layers", "[3]"),
+    (["model.moe_ffn={kind: topk_moe, hidden_dim: 8}", "model.moe_layers=[1]", "model.moe_every=1"],
+     "model.moe_layers", "not both"),
+    (["model.moe_every=-1"], "model.moe_every", ">= 0"),
+    (["model.moe_branches=[audio]"], "model.moe_branches[0]", "'vision'"),
+    (["model.moe_ffn={kind: topk_moe, hidden_dim: 8}", "model.moe_every=1", "model.moe_branches=[]"],
+     "model.moe_branches", "empty"),
+])
+def test_moe_placement_validation(overrides, key, words):
+    with pytest.raises(mm.ConfigError) as info:
+        mm.load_config("beit3/debug", overrides)
+    assert info.value.key == key and words in info.value.message

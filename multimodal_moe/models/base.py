@@ -34,6 +34,10 @@ class ModelConfig(Registry):
         attention_backend: auto | sdpa | xformers (see ``layers.attention``).
         drop_path: stochastic depth, rising linearly from 0 to this rate over the layers.
         grad_checkpointing: recompute each block's activations in the backward pass.
+        moe_ffn: the FFN of the MoE layers (any FFN kind); null: every layer uses ``ffn``.
+        moe_every: layer i (0-based) is a MoE layer when (i + 1) % moe_every == 0
+            (torchscale's ``moe_freq``; 2 = every second layer, ending with the last).
+        moe_layers: explicit 0-based MoE layer indices (instead of ``moe_every``).
     """
 
     depth: int
@@ -46,6 +50,9 @@ class ModelConfig(Registry):
     attention_backend: AttentionBackend = "auto"
     drop_path: float = 0.0
     grad_checkpointing: bool = False
+    moe_ffn: FFNConfig | None = None
+    moe_every: int = 0
+    moe_layers: tuple[int, ...] = ()
 
     def check(self) -> None:
         for name in ("depth", "dim", "heads"):
@@ -58,9 +65,30 @@ class ModelConfig(Registry):
             raise ConfigError("drop_path", f"must be in [0, 1), got {self.drop_path}")
         if self.norm_eps <= 0:
             raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps}")
+        self._check_moe_placement()
         if self.attention_backend == "xformers" and not xformers_installed():
             raise ConfigError("attention_backend", "'xformers' is not installed (pip install "
                                                    "'multimodal_moe[xformers]', CUDA only); use 'auto' or 'sdpa'")
+
+    def _check_moe_placement(self) -> None:
+        if self.moe_every < 0:
+            raise ConfigError("moe_every", f"must be >= 0, got {self.moe_every}")
+        if self.moe_every and self.moe_layers:
+            raise ConfigError("moe_layers", "set either moe_every or moe_layers, not both")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError("moe_layers", f"{bad} are not layers of a depth-{self.depth} model (0-based)")
+        placed = bool(self.moe_every or self.moe_layers)
+        if self.moe_ffn is not None and not placed:
+            raise ConfigError("moe_ffn", "is set but no layer uses it; set moe_every or moe_layers")
+        if placed and self.moe_ffn is None:
+            raise ConfigError("moe_ffn", "is null but moe_every/moe_layers place MoE layers; set moe_ffn")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) uses ``moe_ffn``."""
+        if self.moe_every:
+            return (layer + 1) % self.moe_every == 0
+        return layer in self.moe_layers
 
     @property
     def init_scale(self) -> float:

@@ -70,9 +70,10 @@ class DecoderLM(nn.Module):
             self.pos_embed = None
             self.rope = RotaryEmbedding(cfg.dim // cfg.heads, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(
-            Block(dim=cfg.dim, heads=cfg.heads, ffns=cfg.ffn, make_norm=cfg.norm_factory(), sub_ln=cfg.sub_ln,
-                  backend=cfg.attention_backend, drop_path=rate, init_scale=cfg.init_scale, norm_eps=cfg.norm_eps)
-            for rate in cfg.drop_path_rates())
+            Block(dim=cfg.dim, heads=cfg.heads, ffns=cfg.moe_ffn if cfg.is_moe_layer(i) else cfg.ffn,
+                  make_norm=cfg.norm_factory(), sub_ln=cfg.sub_ln, backend=cfg.attention_backend, drop_path=rate,
+                  init_scale=cfg.init_scale, norm_eps=cfg.norm_eps)
+            for i, rate in enumerate(cfg.drop_path_rates()))
         self.final_norm = cfg.norm_factory()()
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

@@ -52,6 +52,8 @@ class MultiwayEncoderConfig(ModelConfig):
         vocab_size: rows of the text embedding (BEiT-3: 64010).
         max_text_len: rows of the text position table.
         normalize_output: final per-modality LayerNorm (absent in unilm's VQA checkpoints).
+        moe_branches: which FFN branches of a MoE layer use ``moe_ffn`` (e.g. [vision] for
+            vision MoE with a dense text FFN); the others keep their own FFN.
     """
 
     layout: Literal["decoupled", "paper"] = "decoupled"
@@ -65,6 +67,7 @@ class MultiwayEncoderConfig(ModelConfig):
     vocab_size: int = 64010
     max_text_len: int = 1024
     normalize_output: bool = True
+    moe_branches: tuple[Literal["vision", "text", "vision_language"], ...] = ("vision", "text", "vision_language")
 
     def check(self) -> None:
         ModelConfig.check(self)
@@ -85,6 +88,8 @@ class MultiwayEncoderConfig(ModelConfig):
             raise ConfigError("vl_ffn_layers", f"must be between 0 and depth {self.depth}, got {self.vl_ffn_layers}")
         elif self.vision_language_ffn is not None and self.vl_ffn_layers == 0:
             raise ConfigError("vision_language_ffn", "is set but vl_ffn_layers is 0, so no layer would use it")
+        if not self.moe_branches and self.moe_ffn is not None:
+            raise ConfigError("moe_branches", "is empty, so no branch would use moe_ffn")
 
     @property
     def num_patches(self) -> int:
@@ -95,6 +100,8 @@ class MultiwayEncoderConfig(ModelConfig):
         ffns = {VISION: self.vision_ffn or self.ffn, TEXT: self.text_ffn or self.ffn}
         if self.layout == "paper" and layer >= self.depth - self.vl_ffn_layers:
             ffns[VISION_LANGUAGE] = self.vision_language_ffn or self.ffn
+        if self.is_moe_layer(layer):
+            ffns.update({name: self.moe_ffn for name in ffns if name in self.moe_branches})
         return ffns
 
     def build(self) -> MultiwayEncoder:
