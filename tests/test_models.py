@@ -39,11 +39,11 @@ def test_debug_presets_train_with_gradients_everywhere(name):
 def test_encoder_output_shapes(name):
     cfg, model = tiny(name)
     c = cfg.model
-    images, text, joint = synthetic_inputs(c, batch_size=3, text_len=5)
+    images, text, joint = synthetic_inputs(c, batch_size=4, text_len=5)
     for kwargs, tokens, num_vision in [(images, 1 + c.num_patches, 1 + c.num_patches), (text, 5, 0),
                                        (joint, 1 + c.num_patches + 5, 1 + c.num_patches)]:
         out = model(**kwargs)
-        assert out.hidden.shape == (3, tokens, c.dim) and out.num_vision == num_vision
+        assert out.hidden.shape == (4, tokens, c.dim) and out.num_vision == num_vision
         assert out.vision_hidden.shape[1] == num_vision and out.text_hidden.shape[1] == tokens - num_vision
         assert out.aux_loss.shape == () and len(out.moe_stats) == c.depth
 
