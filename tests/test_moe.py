@@ -61,7 +61,7 @@ def topk_oracle(moe, x_BTD, mask_BT=None):
 
 def einsum_oracle(moe, x_ND):
     """GShard's one-hot dispatch/combine einsums (dropless: capacity N per expert)."""
-    cfg, (N, D) = moe.cfg, x_ND.shape
+    cfg, N = moe.cfg, x_ND.shape[0]
     gates, experts = oracle_choices(moe, x_ND)
     dispatch_NEC = torch.zeros(N, cfg.num_experts, N * cfg.top_k, dtype=x_ND.dtype)
     combine_NEC = torch.zeros_like(dispatch_NEC)

@@ -91,7 +91,7 @@ class DenseFFNConfig(FFNConfig):
         return DenseFFN(dim, self, init_scale=init_scale)
 
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swiglu": F.silu}
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swiglu": F.silu}
 
 
 class DenseFFN(nn.Module):
@@ -111,7 +111,7 @@ class DenseFFN(nn.Module):
         self.fc3 = nn.Linear(dim, hidden, bias=cfg.bias) if cfg.activation == "swiglu" else None
         self.ffn_norm = nn.LayerNorm(hidden, eps=1e-5) if cfg.sub_ln else nn.Identity()
         self.fc2 = nn.Linear(hidden, dim, bias=cfg.bias)
-        self.activation = _ACTIVATIONS[cfg.activation]
+        self.activation = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout)
         with torch.no_grad():
             for linear in (self.fc1, self.fc2, self.fc3):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configurable import ConfigError, config
-from .ffn import _ACTIVATIONS, Activation, DenseFFNConfig, FFNConfig, FFNOutput
+from .ffn import ACTIVATIONS, Activation, DenseFFNConfig, FFNConfig, FFNOutput
 
 __all__ = ["GroupedExperts", "MultiHeadMoE", "MultiHeadMoEConfig", "Router", "TopKMoE", "TopKMoEConfig",
            "grouped_matmul"]
@@ -196,12 +196,16 @@ class GroupedExperts(nn.Module):
         self.activation = activation
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        h_MF = grouped_matmul(x_MD, self.w1_EDF, counts_E)
-        if self.activation == "swiglu":
-            h_MF = F.silu(h_MF) * grouped_matmul(x_MD, self.w3_EDF, counts_E)
-        else:
-            h_MF = _ACTIVATIONS[self.activation](h_MF)
-        return grouped_matmul(h_MF, self.w2_EFD, counts_E)
+        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, counts_E))
+
+    def forward_batched(self, x_EMD: torch.Tensor) -> torch.Tensor:
+        """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls."""
+        return self._mlp(x_EMD, torch.matmul)
+
+    def _mlp(self, x, matmul):
+        h = matmul(x, self.w1_EDF)
+        h = F.silu(h) * matmul(x, self.w3_EDF) if self.activation == "swiglu" else ACTIVATIONS[self.activation](h)
+        return matmul(h, self.w2_EFD)
 
 
 class Router(nn.Module):

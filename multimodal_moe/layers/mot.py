@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configurable import ConfigError, config
-from .ffn import _ACTIVATIONS, Activation, FFNConfig, FFNOutput
+from .ffn import Activation, FFNConfig, FFNOutput
 from .moe import GroupedExperts, TopKMoE, TopKMoEConfig
 
 __all__ = ["MixtureOfTokens", "MixtureOfTokensConfig", "topk_from_mot"]
@@ -111,13 +111,8 @@ class MixtureOfTokens(nn.Module):
             weights_TnGE = weights_TnGE.masked_fill(~real_TnG1, 0.0)  # also all-padding groups (NaN)
 
         mixed_TnED = weights_TnGE.transpose(-1, -2) @ x_TnGD
-        h_EMD = mixed_TnED.reshape(-1, E, D).transpose(0, 1)  # M = T * B/G mixtures per expert
-        h_EMF = h_EMD @ self.experts.w1_EDF
-        if self.experts.w3_EDF is not None:
-            h_EMF = F.silu(h_EMF) * (h_EMD @ self.experts.w3_EDF)
-        else:
-            h_EMF = _ACTIVATIONS[self.cfg.activation](h_EMF)
-        y_TnED = (h_EMF @ self.experts.w2_EFD).transpose(0, 1).reshape(T, B // G, E, D)
+        mixed_EMD = mixed_TnED.reshape(-1, E, D).transpose(0, 1)  # M = T * B/G mixtures per expert
+        y_TnED = self.experts.forward_batched(mixed_EMD).transpose(0, 1).reshape(T, B // G, E, D)
         out_BTD = (weights_TnGE @ y_TnED).reshape(T, B, D).transpose(0, 1)
 
         with torch.no_grad():
