@@ -22,11 +22,15 @@ DEFAULT_PRESET = "configs/beit3/debug.yaml"
 
 
 def _preset_summary(name: str) -> str:
-    """The first line of a preset's header comment."""
+    """The first sentence of a preset's header comment."""
+    header = []
     for line in resolve_preset(name).read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#") or line.startswith("# Launch:"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = " ".join(header)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
