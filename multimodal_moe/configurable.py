@@ -50,8 +50,7 @@ class ConfigError(ValueError):
 def config(cls: type[C]) -> type[C]:
     """Decorator for config classes: a frozen, keyword-only dataclass that runs ``check()``
     after construction (also after ``dataclasses.replace``)."""
-    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
-    return cls
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
 class Configurable:

@@ -191,3 +191,9 @@ def test_moe_placement_validation(overrides, key, words):
     with pytest.raises(mm.ConfigError) as info:
         mm.load_config("beit3/debug", overrides)
     assert info.value.key == key and words in info.value.message
+
+
+def test_ffn_width_constraints_fail_at_config_time():
+    with pytest.raises(mm.ConfigError) as info:
+        mm.load_config("beit3/debug", ["model.text_ffn={kind: mh_moe, hidden_dim: 8, heads: 3}"])
+    assert info.value.key == "model.text_ffn.heads" and "width 64 is not divisible by heads 3" in info.value.message

@@ -48,6 +48,9 @@ class FFNOutput:
 class FFNConfig(Registry):
     """Base of the FFN family; ``kind`` selects the implementation."""
 
+    def check_dim(self, dim: int) -> None:
+        """Raise :class:`ConfigError` if this FFN cannot be built for model width ``dim``."""
+
     def build(self, dim: int, *, init_scale: float = 1.0) -> nn.Module:
         """The FFN for model width ``dim``.
 

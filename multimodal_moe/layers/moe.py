@@ -144,9 +144,12 @@ class MultiHeadMoEConfig(TopKMoEConfig):
         if self.shared_expert_dim is not None:
             raise ConfigError("shared_expert_dim", "is not supported by mh_moe; use topk_moe for a shared expert")
 
-    def build(self, dim: int, *, init_scale: float = 1.0) -> MultiHeadMoE:
+    def check_dim(self, dim: int) -> None:
         if dim % self.heads:
             raise ConfigError("heads", f"model width {dim} is not divisible by heads {self.heads}")
+
+    def build(self, dim: int, *, init_scale: float = 1.0) -> MultiHeadMoE:
+        self.check_dim(dim)
         return MultiHeadMoE(dim, self, init_scale=init_scale)
 
 
@@ -216,23 +219,23 @@ class Router(nn.Module):
         E = cfg.num_experts
         if cfg.router == "softmax":
             self.weight_ED = nn.Parameter(torch.empty(E, dim).normal_(std=dim ** -0.5))
-            self.proj = self.expert_embed_Er = self.log_temperature = None
+            self.proj = self.expert_embed_Er = None
         else:
             self.weight_ED = None
             self.proj = nn.Linear(dim, cfg.xmoe_dim, bias=False)
             self.expert_embed_Er = nn.Parameter(nn.init.orthogonal_(torch.empty(E, cfg.xmoe_dim), gain=0.32))
             log_t = torch.tensor(math.log(cfg.xmoe_temperature))
-            self.log_temperature = nn.Parameter(log_t) if cfg.learn_temperature else None
-            if not cfg.learn_temperature:
-                self.register_buffer("fixed_log_temperature", log_t)
+            if cfg.learn_temperature:
+                self.log_temperature = nn.Parameter(log_t)
+            else:
+                self.register_buffer("log_temperature", log_t)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_ND.dtype, torch.float32)  # at least fp32, as torchscale's gates
         if self.weight_ED is not None:
             return x_ND.to(dtype) @ self.weight_ED.to(dtype).t()
         cos_NE = F.normalize(self.proj(x_ND).to(dtype), dim=-1) @ F.normalize(self.expert_embed_Er.to(dtype), dim=-1).t()
-        log_t = self.log_temperature if self.log_temperature is not None else self.fixed_log_temperature
-        return cos_NE / log_t.exp()
+        return cos_NE / self.log_temperature.exp()
 
 
 def _real_tokens(x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -291,8 +294,7 @@ class TopKMoE(nn.Module):
 
         # Assignments in k-major order (all first choices, then all second choices, ...), so
         # a stable sort by expert gives first choices priority for capacity.
-        expert_M = expert_NK.t().reshape(-1)
-        token_M = torch.arange(N, device=x_ND.device).repeat(K)
+        expert_M = expert_NK.t().reshape(-1)  # assignment m is token m % N's (m // N)-th choice
         gate_M = gates_NK.t().reshape(-1)
         order_M = expert_M.argsort(stable=True)
         counts_E = torch.bincount(expert_M, minlength=E)
@@ -305,7 +307,7 @@ class TopKMoE(nn.Module):
             order_M = order_M[rank_M < capacity]
             kept_E = counts_E.clamp(max=capacity)
 
-        rows = token_M[order_M]
+        rows = order_M % N
         y_MD = self.experts(x_ND[rows], kept_E) * gate_M[order_M, None].to(x_ND.dtype)
         y_ND = x_ND.new_zeros(N, D).index_add(0, rows, y_MD)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -66,6 +66,13 @@ class ModelConfig(Registry):
         if self.norm_eps <= 0:
             raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps}")
         self._check_moe_placement()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, FFNConfig):
+                try:
+                    value.check_dim(self.dim)
+                except ConfigError as e:
+                    raise e.under(f.name) from None
         if self.attention_backend == "xformers" and not xformers_installed():
             raise ConfigError("attention_backend", "'xformers' is not installed (pip install "
                                                    "'multimodal_moe[xformers]', CUDA only); use 'auto' or 'sdpa'")
