@@ -2,6 +2,7 @@
 
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
+    mmoe bench moe [...]                          FFN family speed at equal active FLOPs, JSON
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_moe_main
+
+    return bench_moe_main(args.args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe", description="Multiway Transformers with Mixture-of-Experts FFNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
     smoke.add_argument("--batch-size", type=int, default=2)
     smoke.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     smoke.set_defaults(run=cmd_smoke)
+
+    bench = sub.add_parser("bench", help="speed benchmarks, JSON out (mmoe bench moe --help)", add_help=False)
+    bench.add_argument("suite", choices=["moe"])
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=cmd_bench)
     return p
 
 

@@ -16,7 +16,8 @@
 
 Dispatch is sort-based: assignments are ordered by expert (stable, first choices before second
 choices, so capacity keeps first choices), tokens gathered, the experts run as one grouped
-matmul (``torch._grouped_mm`` where the dtype and strides allow, a split per expert otherwise)
+matmul (``torch._grouped_mm`` where the dtype and strides allow, one matmul per expert into a
+preallocated output otherwise)
 and the outputs scattered back weighted by their gates. No one-hot dispatch tensor is built.
 
 Dropless by default; with ``capacity_factor`` each expert takes at most
@@ -39,6 +40,7 @@ uniform share), ``routed_tokens``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -165,6 +167,40 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _PerExpertMatmul(torch.autograd.Function):
+    """One ``mm`` per expert into a preallocated output, forward and backward (no split/cat
+    copies): the fallback for dtypes and strides ``torch._grouped_mm`` does not take."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_EKN, counts: list[int]):
+        ctx.save_for_backward(x_MK, w_EKN)
+        ctx.counts = counts
+        out_MN = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
+        for e, rows in enumerate(_spans(counts)):
+            torch.mm(x_MK[rows], w_EKN[e], out=out_MN[rows])
+        return out_MN
+
+    @staticmethod
+    def backward(ctx, grad_MN):
+        x_MK, w_EKN = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x_MK.new_empty(x_MK.shape)
+            for e, rows in enumerate(_spans(ctx.counts)):
+                torch.mm(grad_MN[rows], w_EKN[e].t(), out=grad_x[rows])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w_EKN)  # experts without rows get zero gradient
+            for e, rows in enumerate(_spans(ctx.counts)):
+                if rows.stop > rows.start:
+                    torch.mm(x_MK[rows].t(), grad_MN[rows], out=grad_w[e])
+        return grad_x, grad_w, None
+
+
+def _spans(counts: list[int]) -> list[slice]:
+    ends = list(itertools.accumulate(counts))
+    return [slice(end - n, end) for n, end in zip(counts, ends)]
+
+
 def _grouped_mm_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x_MK.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
@@ -174,12 +210,17 @@ def _grouped_mm_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
 
 def grouped_matmul(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of ``x_MK`` sorted by expert, ``counts_E`` rows per expert -> (M, N): each row
-    times its expert's matrix."""
+    times its expert's matrix: ``torch._grouped_mm`` where dtype and strides allow (no host
+    sync), one matmul per expert otherwise."""
     if _grouped_mm_supported(x_MK, w_EKN):
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_MK.contiguous(), w_EKN, offs=offsets_E))
-    chunks = x_MK.split(counts_E.tolist())
-    return torch.cat([chunk @ w_EKN[e] for e, chunk in enumerate(chunks)])
+        return grouped_mm_kernel(x_MK, w_EKN, counts_E)
+    return _PerExpertMatmul.apply(x_MK, w_EKN, counts_E.tolist())
+
+
+def grouped_mm_kernel(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The ``torch._grouped_mm`` path of :func:`grouped_matmul` (CPU needs torch >= 2.9)."""
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    return _ContiguousGrad.apply(torch._grouped_mm(x_MK.contiguous(), w_EKN, offs=offsets_E))
 
 
 class GroupedExperts(nn.Module):
@@ -198,17 +239,23 @@ class GroupedExperts(nn.Module):
         self.w2_EFD = weight(hidden_dim, hidden_dim, dim)
         self.activation = activation
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, counts_E))
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, scale_M: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows sorted by expert, ``counts_E`` per expert; ``scale_M`` multiplies each row's
+        output (the gates), applied to whichever of the hidden or the output is narrower."""
+        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, counts_E), scale_M)
 
     def forward_batched(self, x_EMD: torch.Tensor) -> torch.Tensor:
         """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls."""
         return self._mlp(x_EMD, torch.matmul)
 
-    def _mlp(self, x, matmul):
+    def _mlp(self, x, matmul, scale=None):
         h = matmul(x, self.w1_EDF)
         h = F.silu(h) * matmul(x, self.w3_EDF) if self.activation == "swiglu" else ACTIVATIONS[self.activation](h)
-        return matmul(h, self.w2_EFD)
+        hidden_dim, dim = self.w2_EFD.shape[1:]
+        if scale is not None and hidden_dim <= dim:  # (s h) W2 = s (h W2)
+            return matmul(h * scale[:, None], self.w2_EFD)
+        y = matmul(h, self.w2_EFD)
+        return y if scale is None else y * scale[:, None]
 
 
 class Router(nn.Module):
@@ -308,7 +355,7 @@ class TopKMoE(nn.Module):
             kept_E = counts_E.clamp(max=capacity)
 
         rows = order_M % N
-        y_MD = self.experts(x_ND[rows], kept_E) * gate_M[order_M, None].to(x_ND.dtype)
+        y_MD = self.experts(x_ND.index_select(0, rows), kept_E, gate_M[order_M].to(x_ND.dtype))
         y_ND = x_ND.new_zeros(N, D).index_add(0, rows, y_MD)
 
         share_E = counts_E.float() / max(N * K, 1)

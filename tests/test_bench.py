@@ -1,0 +1,29 @@
+"""The benchmark's contract (never its timings): FLOP-matched variants and a complete report."""
+
+from __future__ import annotations
+
+import pytest
+
+from multimodal_moe.bench import _peak_step_memory_mb, bench_moe, expert_macs_per_token, moe_variants
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_variants_do_the_dense_ffn_expert_work(activation):
+    variants = moe_variants(2048, activation)
+    dense = expert_macs_per_token(variants["dense"], 512)
+    assert dense == (3 if activation == "swiglu" else 2) * 512 * 2048
+    assert {name: expert_macs_per_token(cfg, 512) for name, cfg in variants.items()} == dict.fromkeys(variants, dense)
+
+
+def test_report_on_tiny_shapes():
+    report = bench_moe(batch=32, seq=2, dim=32, dense_hidden=64, rounds=1, memory=False, huggingface=False)
+    assert set(report["variants"]) == set(moe_variants(64))
+    assert report["variants"]["dense"]["vs_dense"] == 1.0
+    assert all(v["tokens_per_s"] > 0 for v in report["variants"].values())
+    assert report["huggingface_mixtral_eager"] == {"transformers": "skipped", "variants": {}}
+
+
+def test_peak_memory_of_a_step_is_measured_in_a_fresh_process():
+    small = _peak_step_memory_mb("dense", 32, 4, 32, 64)
+    large = _peak_step_memory_mb("dense", 32, 256, 256, 1024)  # activations of about 64 MiB
+    assert small is not None and large is not None and large > small + 30
