@@ -7,9 +7,12 @@ one forward and backward pass (gradients set to None first, as a training step d
 same (B, T, D) input. Variants are timed interleaved, round after round, so that a slow phase
 of the machine hits them all; the median round gives tokens/s and the ratio to the dense FFN
 measured in the same run. Peak memory is measured in a fresh process per variant: the rise of
-the peak resident set during one step (Linux: the peak is reset through /proc/self/clear_refs). With ``transformers`` installed (``pip install
+the peak resident set during one step (Linux: the peak is reset through /proc/self/clear_refs).
+With ``transformers`` installed (``pip install
 'multimodal_moe[bench]'``), Hugging Face's eager ``MixtralSparseMoeBlock`` is timed in the
-same rounds against our ``topk_moe`` with the same SwiGLU expert shapes.
+same rounds against our ``topk_moe`` with the same SwiGLU expert shapes. Unless told otherwise,
+the benchmark first calls :func:`multimodal_moe.runtime.keep_freed_memory` (the setting a
+CPU training process should use), so that no variant pays for page faults on memory freed by the step before.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import runtime
 from .layers import DenseFFNConfig, FFNConfig, MixtureOfTokensConfig, MultiHeadMoEConfig, TopKMoEConfig
 
 __all__ = ["bench_moe", "expert_macs_per_token", "moe_variants"]
@@ -39,7 +43,8 @@ def moe_variants(dense_hidden: int, activation: str = "gelu") -> dict[str, FFNCo
         "top2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, **topk),
         "top2_of_32": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=32, top_k=2, **topk),
         "top8_of_64": TopKMoEConfig(hidden_dim=dense_hidden // 8, num_experts=64, top_k=8, **topk),
-        "mh_moe_h4_top2_of_8": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, heads=4, **topk),
+        "mh_moe_h4_top2_of_8": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, heads=4,
+                                                  **topk),
         "mh_moe_h4_top2_of_32": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=32, top_k=2, heads=4,
                                                    **topk),
         "mot_32_experts_g32": MixtureOfTokensConfig(
@@ -115,8 +120,10 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _measure_step_memory(name: str, batch: int, seq: int, dim: int, dense_hidden: int) -> None:
+def _measure_step_memory(name: str, batch: int, seq: int, dim: int, dense_hidden: int, tuned: bool) -> None:
     """Child-process body: print the rise of the peak resident set during one step."""
+    if tuned:
+        runtime.keep_freed_memory()
     torch.manual_seed(0)
     step = _step_fn(moe_variants(dense_hidden)[name].build(dim), torch.randn(batch, seq, dim, requires_grad=True))
     before = _status_mb("VmRSS")
@@ -126,10 +133,11 @@ def _measure_step_memory(name: str, batch: int, seq: int, dim: int, dense_hidden
     print(_status_mb("VmHWM") - before)
 
 
-def _peak_step_memory_mb(name: str, batch: int, seq: int, dim: int, dense_hidden: int) -> float | None:
+def _peak_step_memory_mb(name: str, batch: int, seq: int, dim: int, dense_hidden: int,
+                         tuned: bool) -> float | None:
     """:func:`_measure_step_memory` in a fresh process (Linux only; None elsewhere)."""
     code = (f"from multimodal_moe.bench import _measure_step_memory\n"
-            f"_measure_step_memory({name!r}, {batch}, {seq}, {dim}, {dense_hidden})")
+            f"_measure_step_memory({name!r}, {batch}, {seq}, {dim}, {dense_hidden}, {tuned})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         return None
@@ -137,9 +145,11 @@ def _peak_step_memory_mb(name: str, batch: int, seq: int, dim: int, dense_hidden
 
 
 def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: int = 2048, rounds: int = 7,
-              threads: int = 2, memory: bool = True, huggingface: bool = True, progress: bool = False) -> dict:
+              threads: int = 2, memory: bool = True, huggingface: bool = True, progress: bool = False,
+              keep_freed_memory: bool = True) -> dict:
     """Forward+backward tokens/s of every variant and its ratio to the dense FFN; see the
     module docstring. Returns the JSON-ready report."""
+    tuned = keep_freed_memory and runtime.keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokens = batch * seq
@@ -168,14 +178,15 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
     report = {
         "setup": {"tokens": tokens, "batch": batch, "seq": seq, "dim": dim, "dense_hidden": dense_hidden,
                   "rounds": rounds, "threads": threads, "torch": torch.__version__, "statistic": "median round",
-                  "step": "zero grads, forward, backward"},
+                  "step": "zero grads, forward, backward",
+                  "allocator": "glibc, freed memory kept (runtime.keep_freed_memory)" if tuned else "default"},
         "variants": {},
     }
     for name, cfg in variants.items():
         entry = {"tokens_per_s": round(rate[name]), "vs_dense": round(rate[name] / rate["dense"], 3),
                  "expert_macs_per_token": expert_macs_per_token(cfg, dim)}
         if memory:
-            entry["peak_step_memory_mb"] = _peak_step_memory_mb(name, batch, seq, dim, dense_hidden)
+            entry["peak_step_memory_mb"] = _peak_step_memory_mb(name, batch, seq, dim, dense_hidden, tuned)
         report["variants"][name] = entry
     report["huggingface_mixtral_eager"] = {"transformers": hf_status, "variants": {
         name: {"ours_tokens_per_s": round(rate[ours]), "hf_tokens_per_s": round(rate[theirs]),
@@ -196,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-hidden", type=int, default=2048)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Mixtral comparison")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's malloc as it is (freed large blocks go back to the kernel)")
     args = p.parse_args(argv)
     report = bench_moe(batch=args.batch, seq=args.seq, dim=args.dim, dense_hidden=args.dense_hidden,
                        rounds=args.rounds, threads=args.threads, memory=not args.no_memory,
-                       huggingface=not args.no_hf, progress=True)
+                       huggingface=not args.no_hf, progress=True,
+                       keep_freed_memory=not args.default_allocator)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -53,7 +53,8 @@ def test_grad_checkpointing_changes_nothing(name):
     outputs = []
     for flag in ("false", "true"):
         cfg, model = tiny(name, f"model.grad_checkpointing={flag}")
-        loss = sum(smoke_loss(model(**kw)) for kw in synthetic_inputs(cfg.model, generator=torch.Generator().manual_seed(1)))
+        inputs = synthetic_inputs(cfg.model, generator=torch.Generator().manual_seed(1))
+        loss = sum(smoke_loss(model(**kw)) for kw in inputs)
         loss.backward()
         outputs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = outputs
@@ -93,7 +94,8 @@ def test_sub_ln_init_scales_residual_projections():
     scaled = mm.build_model(cfg)
     factor = cfg.model.init_scale
     assert factor == pytest.approx((torch.log(torch.tensor(6.0))).sqrt().item())
-    for name in ("attn.v_proj.text.weight", "attn.out_proj.vision.weight", "ffn.text.fc1.weight", "ffn.vision.fc2.bias"):
+    names = ("attn.v_proj.text.weight", "attn.out_proj.vision.weight", "ffn.text.fc1.weight", "ffn.vision.fc2.bias")
+    for name in names:
         p_plain, p_scaled = (dict(m.layers[1].named_parameters())[name] for m in (plain, scaled))
         torch.testing.assert_close(p_scaled, p_plain * factor, msg=name)
     for name in ("attn.q_proj.text.weight", "attn.k_proj.vision.weight"):

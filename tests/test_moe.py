@@ -127,7 +127,7 @@ def test_topk_matches_loop_oracle(case, padded):
         mask[0, 3:] = False
         mask[2, 1:] = False
     out = moe(x, token_mask_BT=mask)
-    expected, dropped = topk_oracle(moe, x, mask)
+    _, dropped = topk_oracle(moe, x, mask)
     n_real = 15 if mask is None else int(mask.sum())
     assert out.stats["routed_tokens"] == n_real
     assert out.stats["tokens_per_expert"].sum() == n_real * moe.cfg.top_k

@@ -19,7 +19,7 @@ def make(dim=16, seed=0, **kw):
 
 def mot_oracle(mot, x_BTD, mask_BT=None, discrete=False):
     """For every position and every group of G consecutive examples, mix, run, redistribute."""
-    B, T, D = x_BTD.shape
+    B, T, _ = x_BTD.shape
     G, E = mot.cfg.group_size, mot.cfg.num_experts
     out = torch.zeros_like(x_BTD)
     for t in range(T):
@@ -84,7 +84,7 @@ def test_mot_language_model_stays_causal():
 
 
 def test_batch_not_a_multiple_of_the_group_is_a_clear_error():
-    with pytest.raises(ValueError, match="group_size=4.*batch has 6.*divisible by 4"):
+    with pytest.raises(ValueError, match=r"group_size=4.*batch has 6.*divisible by 4"):
         make(group_size=4)(torch.randn(6, 2, 16))
 
 

@@ -102,7 +102,8 @@ def test_single_modality_inputs_touch_only_their_parameters(preset):
     from_pairs = params_with_grad(model, joint)
     expected = all_params - {"vision_embed.mask_token"}  # no masked patches in this input
     if vl:
-        expected -= {n for n in all_params if re.match(rf"layers\.{cfg.model.depth - 1}\.ffn(_norm)?\.(vision|text)\.", n)}
+        top = cfg.model.depth - 1
+        expected -= {n for n in all_params if re.match(rf"layers\.{top}\.ffn(_norm)?\.(vision|text)\.", n)}
     assert from_pairs == expected
 
 

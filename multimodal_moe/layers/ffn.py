@@ -27,7 +27,7 @@ from torch import nn
 
 from ..configurable import ConfigError, Registry, config
 
-__all__ = ["FFNConfig", "FFNOutput", "DenseFFNConfig", "DenseFFN"]
+__all__ = ["DenseFFN", "DenseFFNConfig", "FFNConfig", "FFNOutput"]
 
 
 @dataclass

@@ -281,7 +281,8 @@ class Router(nn.Module):
         dtype = torch.promote_types(x_ND.dtype, torch.float32)  # at least fp32, as torchscale's gates
         if self.weight_ED is not None:
             return x_ND.to(dtype) @ self.weight_ED.to(dtype).t()
-        cos_NE = F.normalize(self.proj(x_ND).to(dtype), dim=-1) @ F.normalize(self.expert_embed_Er.to(dtype), dim=-1).t()
+        embed_Er = F.normalize(self.expert_embed_Er.to(dtype), dim=-1)
+        cos_NE = F.normalize(self.proj(x_ND).to(dtype), dim=-1) @ embed_Er.t()
         return cos_NE / self.log_temperature.exp()
 
 
@@ -316,7 +317,8 @@ class TopKMoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim, cfg.activation, init_scale)
         self.shared_expert = None
         if cfg.shared_expert_dim is not None:
-            shared = DenseFFNConfig(hidden_dim=cfg.shared_expert_dim, activation=cfg.activation, sub_ln=False, bias=False)
+            shared = DenseFFNConfig(hidden_dim=cfg.shared_expert_dim, activation=cfg.activation, sub_ln=False,
+                                    bias=False)
             self.shared_expert = shared.build(dim, init_scale=init_scale)
 
     def forward(self, x_BTD: torch.Tensor, *, token_mask_BT: torch.Tensor | None = None) -> FFNOutput:

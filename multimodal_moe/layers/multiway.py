@@ -33,7 +33,8 @@ class Multiway(nn.ModuleDict):
     def __init__(self, branches: dict[str, nn.Module]):
         unknown = set(branches) - {VISION, TEXT, VISION_LANGUAGE}
         if unknown or not {VISION, TEXT} <= set(branches):
-            raise ValueError(f"Multiway needs vision and text branches (optionally vision_language), got {sorted(branches)}")
+            raise ValueError(f"Multiway needs vision and text branches (optionally vision_language), "
+                             f"got {sorted(branches)}")
         super().__init__(branches)
 
     def segments(self, num_vision: int, num_tokens: int) -> list[tuple[str, slice]]:

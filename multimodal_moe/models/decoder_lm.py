@@ -91,7 +91,8 @@ class DecoderLM(nn.Module):
         T = ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence has {T} tokens but max_seq_len is {self.cfg.max_seq_len}")
-        if padding_mask_BT is not None and (padding_mask_BT.shape != ids_BT.shape or padding_mask_BT.dtype != torch.bool):
+        if padding_mask_BT is not None and (padding_mask_BT.shape != ids_BT.shape
+                                            or padding_mask_BT.dtype != torch.bool):
             raise ValueError(f"padding_mask_BT must be a bool tensor of shape {tuple(ids_BT.shape)}, "
                              f"got {padding_mask_BT.dtype} {tuple(padding_mask_BT.shape)}")
         x_BTD = self.tok_embed(ids_BT)
