@@ -116,7 +116,7 @@ class ShardSink:
         self._count += 1
         self._shard_sizes[self._name] += 1
         self._keys.add(key)
-        self.fields.update(fields)
+        self.fields.update(fields.keys())
 
     def _next_shard(self) -> None:
         self._close_shard()

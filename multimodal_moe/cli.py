@@ -3,6 +3,7 @@
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
     mmoe bench moe [...]                          FFN family speed at equal active FLOPs, JSON
+    mmoe data {write-shards,inspect,train-tokenizer,build-demo} ...   data_pipelines.cli
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", choices=["moe"])
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(run=cmd_bench)
+
+    from data_pipelines.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)
     return p
 
 
@@ -101,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"mmoe: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        print(f"mmoe: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,96 @@
+"""The typed batches the pipelines yield and objectives and tasks consume.
+
+Conventions: images are float (B, 3, H, W), already normalised; ``image_mask_BP`` is True at
+masked patches (row-major over the patch grid, P = (H/p)(W/p)); ``padding_mask_BL`` is True at
+padding (torchscale's convention); label tensors hold -100 where there is nothing to predict.
+Every batch also carries ``keys`` (the samples' webdataset keys), ``skipped`` (bad samples its
+worker skipped since its previous batch, per reason) and ``position`` (where its worker's stream
+stood; used by :class:`~data_pipelines.streams.StreamLoader` to resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+__all__ = ["Batch", "ImageBatch", "ImageTextBatch", "LMBatch", "RetrievalBatch", "TextBatch", "VQABatch"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class Batch:
+    keys: list[str]
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    position: tuple[int, ...] = ()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor field moved to ``device``."""
+        moved = {f.name: _to(getattr(self, f.name), device, non_blocking) for f in dataclasses.fields(self)}
+        return type(self)(**moved)
+
+    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this
+        return type(self)(**{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                             for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _to(value: Any, device, non_blocking: bool) -> Any:
+    return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+
+
+@dataclasses.dataclass(kw_only=True)
+class ImageBatch(Batch):
+    """Images for masked image modeling: ``images_B3HW``, ``image_mask_BP``."""
+    images_B3HW: torch.Tensor
+    image_mask_BP: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class TextBatch(Batch):
+    """Text for masked language modeling: the corrupted ``text_ids_BL`` and ``mlm_labels_BL``."""
+    text_ids_BL: torch.Tensor
+    padding_mask_BL: torch.Tensor
+    mlm_labels_BL: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class ImageTextBatch(Batch):
+    """Image-text pairs, both sides masked for masked data modeling (or plain, for contrastive use)."""
+    images_B3HW: torch.Tensor
+    text_ids_BL: torch.Tensor
+    padding_mask_BL: torch.Tensor
+    image_mask_BP: torch.Tensor | None = None
+    mlm_labels_BL: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class VQABatch(Batch):
+    """Image + question; the raw answers (10 per question) and, given an answer vocabulary, the
+    soft-score targets ``targets_BA``."""
+    images_B3HW: torch.Tensor
+    text_ids_BL: torch.Tensor
+    padding_mask_BL: torch.Tensor
+    question_ids: list[str]
+    question_types: list[str]
+    answers: list[list[str]]
+    targets_BA: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class RetrievalBatch(Batch):
+    """Images and captions: ``caption_image_N[n]`` is the batch row of caption n's image.
+    Training takes one caption per image (N = B); evaluation takes them all."""
+    images_B3HW: torch.Tensor
+    image_ids: list[str]
+    text_ids_NL: torch.Tensor
+    padding_mask_NL: torch.Tensor
+    caption_image_N: torch.Tensor
+
+
+@dataclasses.dataclass(kw_only=True)
+class LMBatch(Batch):
+    """Packed token sequences of T + 1 ids: inputs ``ids_BT[:, :-1]``, targets ``ids_BT[:, 1:]``."""
+    ids_BT: torch.Tensor

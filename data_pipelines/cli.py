@@ -1,0 +1,175 @@
+"""``mmoe data``: write shards, inspect them, train a tokenizer, build the bundled dataset.
+
+    mmoe data write-shards KIND INPUT... --out DIR [--image-root DIR] [--maxcount N] [--overwrite]
+    mmoe data inspect SHARDS... [--examples N]
+    mmoe data train-tokenizer INPUT... --out FILE --vocab-size N [--model-type bpe|unigram]
+    mmoe data build-demo [--out DIR] [--overwrite]
+
+Every command shows progress on long work and refuses to overwrite output unless asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+from webdataset import tariterators
+
+from .images import decode_image
+from .shards import IMAGE_FIELDS, KINDS, ShardSink, shard_urls
+from .skips import SkipCounter, SkipSample
+from .sources import SOURCES
+
+
+def cmd_write_shards(args: argparse.Namespace) -> int:
+    source, _ = SOURCES[args.kind]
+    if args.kind == "text":
+        samples = source(args.inputs, per_line=not args.file_per_document)
+    elif args.kind == "image":
+        if len(args.inputs) != 1:
+            raise ValueError("image shards are written from one folder")
+        samples = source(args.inputs[0])
+    else:
+        if len(args.inputs) != 1:
+            raise ValueError(f"{args.kind} shards are written from one record file")
+        samples = source(args.inputs[0], args.image_root)
+    with ShardSink(args.out, args.kind, prefix=args.prefix, maxcount=args.maxcount, maxsize=args.maxsize,
+                   overwrite=args.overwrite) as sink:
+        for key, fields in tqdm(samples, desc=f"write {args.kind} shards", unit="sample", file=sys.stderr):
+            sink.write(key, fields)
+    manifest = json.loads((Path(args.out) / "manifest.json").read_text())
+    print(f"wrote {manifest['samples']} {args.kind} samples in {manifest['shards']} shard(s) to {args.out}")
+    return 0
+
+
+def _raw_samples(urls: list[str], skips: SkipCounter) -> Iterator[dict]:
+    def handler(exn: Exception) -> bool:
+        skips.add(SkipSample("truncated_tar", str(exn)[:200]))
+        return True
+
+    opened = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
+    return tariterators.group_by_keys(tariterators.tar_file_expander(opened, handler=handler), handler=handler)
+
+
+def inspect_shards(spec: list[str], examples: int = 3) -> dict:
+    """Counts per field and per skip reason over every sample, and a few decoded examples."""
+    urls = shard_urls(spec)
+    skips, fields, shown = SkipCounter(log_every=10**9), Counter(), []
+    total = 0
+    for sample in tqdm(_raw_samples(urls, skips), desc="inspect", unit="sample", file=sys.stderr):
+        total += 1
+        names = [k for k in sample if not k.startswith("__")]
+        fields.update(names)
+        example = {"key": sample["__key__"]}
+        try:
+            for name in names:
+                if name in IMAGE_FIELDS:
+                    image = decode_image(sample[name])
+                    example[name] = f"{image.width}x{image.height} {image.mode}"
+                elif name in ("txt", "json"):
+                    try:
+                        text = sample[name].decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise SkipSample("bad_utf8", str(e)) from None
+                    if name == "json":
+                        try:
+                            json.loads(text)
+                        except json.JSONDecodeError as e:
+                            raise SkipSample("bad_json", str(e)) from None
+                    example[name] = text if len(text) <= 120 else text[:117] + "..."
+        except SkipSample as skip:
+            skips.add(skip)
+            continue
+        if len(shown) < examples:
+            shown.append(example)
+    return {"shards": len(urls), "samples": total, "fields": dict(sorted(fields.items())),
+            "skipped": dict(sorted(skips.counts.items())), "examples": shown}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    report = inspect_shards(args.shards, args.examples)
+    print(f"{report['samples']} samples in {report['shards']} shard(s)")
+    print("fields:  " + ", ".join(f"{k} {v}" for k, v in report["fields"].items()))
+    print("skipped: " + (", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"))
+    for example in report["examples"]:
+        print("  " + json.dumps(example, ensure_ascii=False))
+    return 0
+
+
+def _training_texts(inputs: list[str]) -> Iterator[str]:
+    """Text of shard directories / tars (their ``txt`` fields and JSON captions/questions) or of files."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir() or path.suffix == ".tar" or "{" in item:
+            for sample in _raw_samples(shard_urls(item), SkipCounter()):
+                if "txt" in sample:
+                    yield sample["txt"].decode("utf-8", errors="replace")
+                if "json" in sample:
+                    record = json.loads(sample["json"])
+                    yield from record.get("captions", [])
+                    if "question" in record:
+                        yield record["question"]
+        else:
+            yield path.read_text(encoding="utf-8")
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer
+
+    texts = list(tqdm(_training_texts(args.inputs), desc="read text", unit="doc", file=sys.stderr))
+    tok = train_tokenizer(texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
+                          overwrite=args.overwrite)
+    print(f"wrote {args.out}: {tok}")
+    return 0
+
+
+def cmd_build_demo(args: argparse.Namespace) -> int:
+    from .recipes.build_demo import build_demo
+
+    counts = build_demo(args.out, overwrite=args.overwrite)
+    print(json.dumps(counts, indent=1))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``data`` and its subcommands on the ``mmoe`` parser."""
+    data = sub.add_parser("data", help="write, inspect and tokenize webdataset shards; build the bundled dataset")
+    cmds = data.add_subparsers(dest="data_command", required=True)
+
+    w = cmds.add_parser("write-shards", help="webdataset shards from images, caption pairs, text, VQA or "
+                                             "retrieval records")
+    w.add_argument("kind", choices=KINDS)
+    w.add_argument("inputs", nargs="+", help="; ".join(f"{k}: {d}" for k, (_, d) in SOURCES.items()))
+    w.add_argument("--out", required=True)
+    w.add_argument("--image-root", default=None, help="folder the records' image paths are relative to "
+                                                      "(default: the record file's folder)")
+    w.add_argument("--file-per-document", action="store_true", help="text: each file is one document "
+                                                                    "(default: each non-empty line)")
+    w.add_argument("--prefix", default="shard")
+    w.add_argument("--maxcount", type=int, default=10_000, help="samples per shard")
+    w.add_argument("--maxsize", type=int, default=1 << 30, help="bytes per shard")
+    w.add_argument("--overwrite", action="store_true")
+    w.set_defaults(run=cmd_write_shards)
+
+    i = cmds.add_parser("inspect", help="counts per field and per skip reason, and a few decoded examples")
+    i.add_argument("shards", nargs="+", help="shard directories, tars or brace patterns")
+    i.add_argument("--examples", type=int, default=3)
+    i.set_defaults(run=cmd_inspect)
+
+    t = cmds.add_parser("train-tokenizer", help="a sentencepiece model in BEiT-3's id layout")
+    t.add_argument("inputs", nargs="+", help="shard directories/tars (their text) or text files")
+    t.add_argument("--out", required=True, help="the .model file to write")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(run=cmd_train_tokenizer)
+
+    b = cmds.add_parser("build-demo", help="rebuild the bundled tiny dataset (needs the packages DATA.md lists)")
+    b.add_argument("--out", default=str(Path(__file__).parent / "bundled"))
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(run=cmd_build_demo)

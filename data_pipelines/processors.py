@@ -1,0 +1,227 @@
+"""Per-kind processors: a raw webdataset sample -> an item -> a typed batch.
+
+Each processor is called as ``processor(sample, seed)`` on one sample (raising
+:class:`~data_pipelines.skips.SkipSample` for bad input) and ``processor.collate(items, seed)``
+on a batch's items. All randomness (augmentation, block masks, MLM masking, caption choice)
+derives from the seed it is given, so a sample's result never depends on what came before it
+(which is what lets a stream resume exactly; see ``data_pipelines.streams``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .batches import ImageBatch, ImageTextBatch, RetrievalBatch, TextBatch, VQABatch
+from .images import decode_image
+from .masking import BlockMaskGenerator
+from .shards import IMAGE_FIELDS
+from .skips import SkipSample
+from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, mask_tokens
+from .tokenizer import Tokenizer
+
+__all__ = ["ImageProcessor", "ImageTextProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
+           "vqa_soft_score"]
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run torchvision's random transforms (which draw from torch's global RNG) under ``seed``
+    without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _field(sample: dict, *names: str) -> bytes:
+    for name in names:
+        if name in sample:
+            return sample[name]
+    raise SkipSample("missing_field", f"needs {' or '.join(names)}, has {sorted(k for k in sample if k[0] != '_')}")
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample("bad_utf8", str(e)) from None
+
+
+def _json(data: bytes, *required: str) -> dict:
+    try:
+        record = json.loads(_text(data))
+    except json.JSONDecodeError as e:
+        raise SkipSample("bad_json", str(e)) from None
+    missing = [k for k in required if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise SkipSample("bad_json", f"missing {missing}")
+    return record
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest: (ids_BL, padding_mask_BL with True at padding)."""
+    length = max(len(s) for s in seqs)
+    ids_BL = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids_BL[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    lengths_B = torch.tensor([len(s) for s in seqs])
+    return ids_BL, torch.arange(length)[None, :] >= lengths_B[:, None]
+
+
+@dataclasses.dataclass
+class ImageProcessor:
+    """Images for masked image modeling: decode, augment, draw a block mask (or none)."""
+    transform: Transform
+    mask: BlockMaskGenerator | None = None
+    max_pixels: int = 64_000_000
+
+    def image(self, sample: dict, seed: int) -> tuple[torch.Tensor, np.ndarray | None]:
+        image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
+        with _seeded(seed):
+            x_3HW = self.transform(image)
+        mask_P = None if self.mask is None else self.mask(np.random.default_rng(seed)).reshape(-1)
+        return x_3HW, mask_P
+
+    def __call__(self, sample: dict, seed: int) -> tuple:
+        return (sample["__key__"], *self.image(sample, seed))
+
+    def collate(self, items: list, seed: int) -> ImageBatch:
+        keys, images, masks = zip(*items)
+        return ImageBatch(keys=list(keys), images_B3HW=torch.stack(images), image_mask_BP=_stack_masks(masks))
+
+
+def _stack_masks(masks: Sequence[np.ndarray | None]) -> torch.Tensor | None:
+    return None if masks[0] is None else torch.from_numpy(np.stack(masks))
+
+
+@dataclasses.dataclass
+class TextProcessor:
+    """Text for masked language modeling: ``[bos] + pieces[:max_len-2] + [eos]``, then BEiT-3's
+    MLM corruption of ``mlm_ratio`` of the tokens (None: no masking)."""
+    tokenizer: Tokenizer
+    max_len: int = 64
+    mlm_ratio: float | None = TEXT_MASK_RATIO
+
+    def __call__(self, sample: dict, seed: int) -> tuple:
+        return sample["__key__"], self.tokenizer.encode_for_model(_field(sample, "txt"), self.max_len)
+
+    def text_batch(self, seqs: Sequence[Sequence[int]], seed: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor | None]:
+        ids_BL, padding_BL = _pad(seqs, self.tokenizer.pad_id)
+        if self.mlm_ratio is None:
+            return ids_BL, padding_BL, None
+        ids_BL, labels_BL = mask_tokens(ids_BL, padding_BL, ratio=self.mlm_ratio, mask_id=self.tokenizer.mask_id,
+                                        vocab_size=self.tokenizer.vocab_size,
+                                        generator=torch.Generator().manual_seed(seed))
+        return ids_BL, padding_BL, labels_BL
+
+    def collate(self, items: list, seed: int) -> TextBatch:
+        keys, seqs = zip(*items)
+        ids_BL, padding_BL, labels_BL = self.text_batch(seqs, seed)
+        return TextBatch(keys=list(keys), text_ids_BL=ids_BL, padding_mask_BL=padding_BL, mlm_labels_BL=labels_BL)
+
+
+@dataclasses.dataclass
+class ImageTextProcessor:
+    """Image-text pairs: the image side of :class:`ImageProcessor` and the text side of
+    :class:`TextProcessor` (BEiT-3 masks 50% of a pair's text)."""
+    image: ImageProcessor
+    text: TextProcessor
+
+    @classmethod
+    def build(cls, tokenizer: Tokenizer, transform: Transform, *, mask: BlockMaskGenerator | None = None,
+              max_len: int = 64, mlm_ratio: float | None = IMAGE_TEXT_MASK_RATIO) -> ImageTextProcessor:
+        return cls(ImageProcessor(transform, mask), TextProcessor(tokenizer, max_len, mlm_ratio))
+
+    def __call__(self, sample: dict, seed: int) -> tuple:
+        ids = self.text(sample, seed)[1]  # text first: it is cheap and fails fast
+        return (sample["__key__"], *self.image.image(sample, seed), ids)
+
+    def collate(self, items: list, seed: int) -> ImageTextBatch:
+        keys, images, masks, seqs = zip(*items)
+        ids_BL, padding_BL, labels_BL = self.text.text_batch(seqs, seed)
+        return ImageTextBatch(keys=list(keys), images_B3HW=torch.stack(images), image_mask_BP=_stack_masks(masks),
+                              text_ids_BL=ids_BL, padding_mask_BL=padding_BL, mlm_labels_BL=labels_BL)
+
+
+def vqa_soft_score(matches: int) -> float:
+    """VQAv2's target for an answer given by ``matches`` of the 10 annotators: 0, 0.3, 0.6, 0.9,
+    then 1 (equal to the official leave-one-out accuracy of that answer)."""
+    return (0.0, 0.3, 0.6, 0.9)[matches] if matches < 4 else 1.0
+
+
+@dataclasses.dataclass
+class VQAProcessor:
+    """Image + question; with ``answer_vocab`` (normalised answer -> index) also the soft-score
+    targets, answers normalised by ``normalize_answer`` before lookup."""
+    tokenizer: Tokenizer
+    transform: Transform
+    max_len: int = 64
+    answer_vocab: dict[str, int] | None = None
+    normalize_answer: Callable[[str], str] = str.strip
+    max_pixels: int = 64_000_000
+
+    def __call__(self, sample: dict, seed: int) -> tuple:
+        record = _json(_field(sample, "json"), "question_id", "question", "answers")
+        ids = self.tokenizer.encode_for_model(record["question"], self.max_len)
+        image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
+        with _seeded(seed):
+            x_3HW = self.transform(image)
+        return (sample["__key__"], x_3HW, ids, str(record["question_id"]), str(record.get("question_type", "")),
+                [str(a) for a in record["answers"]])
+
+    def collate(self, items: list, seed: int) -> VQABatch:
+        keys, images, seqs, qids, qtypes, answers = zip(*items)
+        ids_BL, padding_BL = _pad(seqs, self.tokenizer.pad_id)
+        targets_BA = None
+        if self.answer_vocab is not None:
+            targets_BA = torch.zeros(len(items), len(self.answer_vocab))
+            for b, row in enumerate(answers):
+                normalised = [self.normalize_answer(a) for a in row]
+                for answer in set(normalised):
+                    if answer in self.answer_vocab:
+                        targets_BA[b, self.answer_vocab[answer]] = vqa_soft_score(normalised.count(answer))
+        return VQABatch(keys=list(keys), images_B3HW=torch.stack(images), text_ids_BL=ids_BL,
+                        padding_mask_BL=padding_BL, question_ids=list(qids), question_types=list(qtypes),
+                        answers=[list(a) for a in answers],
+                        targets_BA=targets_BA)
+
+
+@dataclasses.dataclass
+class RetrievalProcessor:
+    """An image and its captions: one caption drawn per image (training) or all of them (evaluation)."""
+    tokenizer: Tokenizer
+    transform: Transform
+    max_len: int = 64
+    all_captions: bool = False
+    max_pixels: int = 64_000_000
+
+    def __call__(self, sample: dict, seed: int) -> tuple:
+        record = _json(_field(sample, "json"), "image_id", "captions")
+        captions = [c for c in record["captions"] if isinstance(c, str) and c.strip()]
+        if not captions:
+            raise SkipSample("bad_json", "no captions")
+        if not self.all_captions:
+            captions = [random.Random(seed).choice(captions)]
+        seqs = [self.tokenizer.encode_for_model(c, self.max_len) for c in captions]
+        image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
+        with _seeded(seed):
+            x_3HW = self.transform(image)
+        return sample["__key__"], x_3HW, str(record["image_id"]), seqs
+
+    def collate(self, items: list, seed: int) -> RetrievalBatch:
+        keys, images, image_ids, caption_lists = zip(*items)
+        seqs = [s for caps in caption_lists for s in caps]
+        ids_NL, padding_NL = _pad(seqs, self.tokenizer.pad_id)
+        owner_N = torch.tensor([b for b, caps in enumerate(caption_lists) for _ in caps])
+        return RetrievalBatch(keys=list(keys), images_B3HW=torch.stack(images), image_ids=list(image_ids),
+                              text_ids_NL=ids_NL, padding_mask_NL=padding_NL, caption_image_N=owner_N)

@@ -1,0 +1,268 @@
+"""Reading shards: a deterministic, splittable, resumable webdataset stream.
+
+:class:`ShardStream` is an ``IterableDataset`` built from webdataset's tar reader
+(``url_opener`` -> ``tar_file_expander`` -> ``group_by_keys``) and shuffle buffer, with the
+splitting done here explicitly instead of by webdataset's defaults (whose ``single_node_only``
+raises as soon as ``WORLD_SIZE`` > 1):
+
+- ``resampled=True`` (training): each (rank, worker) draws shards with replacement, weighted
+  per shard set, from its own seed, and yields exactly ``epoch_batches`` batches per epoch, so
+  every rank takes the same number of steps whatever the shard sizes are.
+- ``resampled=False`` (evaluation): every worker walks all shards in order and keeps the samples
+  whose index modulo (world size x workers) is its own, before decoding: each sample is seen
+  exactly once across ranks and workers, whatever the number of shards.
+
+Determinism and resume. Every random choice derives from (seed, epoch, rank, worker) for the
+shard order and shuffle buffer, and from (..., sample index) for a sample's augmentation and
+masking, so a sample's result does not depend on what was decoded before it. Each batch carries
+its worker and how many raw samples that worker has drawn; :class:`StreamLoader` records this,
+and a resumed loader has each worker pass over that many raw samples without decoding them and
+continue with exactly the batches the uninterrupted run would have produced, in the same order.
+
+A *processor* turns samples into batches (see ``data_pipelines.processors``): ``processor(sample,
+seed)`` returns an item or raises :class:`~data_pipelines.skips.SkipSample`, and
+``processor.collate(items, seed)`` returns a batch dataclass with a ``skipped`` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from .shards import shard_urls
+from .skips import SkipCounter, SkipSample
+
+__all__ = ["Processor", "ShardStream", "StreamLoader", "derive_seed", "dist_rank_world"]
+
+
+class Processor(Protocol):
+    def __call__(self, sample: dict[str, Any], seed: int) -> Any: ...
+
+    def collate(self, items: list[Any], seed: int) -> Any: ...
+
+
+def derive_seed(*entropy: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: different tuples, unrelated seeds)."""
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from an initialised process group, else torchrun's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where a worker's stream stands: its epoch, batches and raw samples drawn in it."""
+    epoch: int = 0
+    batches: int = 0
+    drawn: int = 0
+
+
+class ShardStream(IterableDataset):
+    """Batches from webdataset shards (see the module docstring).
+
+    Args:
+        shards: shard sets: each a directory, a brace pattern or a list of tars.
+        processor: turns samples into items and items into a batch.
+        batch_size: items per batch.
+        resampled: training mode (infinite, weighted, equal batches per worker) or evaluation
+            mode (one pass, each sample once across ranks and workers; the last batch may be short).
+        weights: relative sampling weight of each shard set (resampled mode); default equal per shard.
+        epoch_batches: batches each worker yields per epoch in resampled mode.
+        shuffle_buffer: samples in the shuffle buffer (resampled mode; 0 = no shuffling).
+        seed: the root of all randomness.
+        log_every: log the first skip of each reason and then every n-th.
+    """
+
+    def __init__(self, shards: Sequence, processor: Processor, *, batch_size: int, resampled: bool = True,
+                 weights: Sequence[float] | None = None, epoch_batches: int = 1000, shuffle_buffer: int = 1000,
+                 seed: int = 0, log_every: int = 1000):
+        super().__init__()
+        if isinstance(shards, (str, os.PathLike)):
+            shards = [shards]
+        self.shard_sets = [shard_urls(s) for s in shards]
+        if weights is not None and (len(weights) != len(self.shard_sets) or any(w < 0 for w in weights)
+                                    or not sum(weights) > 0):
+            raise ValueError(f"weights {list(weights)} must be {len(self.shard_sets)} non-negative numbers, "
+                             f"one per shard set, not all zero")
+        if batch_size < 1 or epoch_batches < 1:
+            raise ValueError(f"batch_size ({batch_size}) and epoch_batches ({epoch_batches}) must be positive")
+        self.urls = [u for s in self.shard_sets for u in s]
+        # a shard's weight: its set's weight shared among the set's shards
+        self.url_weights = ([1.0] * len(self.urls) if weights is None else
+                            [w / len(s) for w, s in zip(weights, self.shard_sets) for _ in s])
+        self.processor, self.batch_size, self.resampled = processor, batch_size, resampled
+        self.epoch_batches, self.shuffle_buffer, self.seed, self.log_every = (
+            epoch_batches, shuffle_buffer, seed, log_every)
+        self.num_workers = 1
+        self.start: dict[int, _Position] = {}  # logical worker -> where to start
+        self.worker_offset = 0  # rotates logical worker ids so a resumed loader keeps the batch order
+
+    def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int,
+                     skips: SkipCounter) -> Iterator[dict]:
+        def handler(exn: Exception) -> bool:
+            skips.add(SkipSample("truncated_tar", str(exn)[:200]))
+            return True
+
+        fruitless = [0]  # shards opened since the last sample came out of one
+
+        if self.resampled:
+            rng = random.Random(derive_seed(self.seed, epoch, rank, worker, 0))
+            patience = max(100, 10 * len(self.urls))
+
+            def urls():
+                while True:
+                    if fruitless[0] > patience:
+                        raise RuntimeError(f"{fruitless[0]} shards in a row gave no sample (skipped so far: "
+                                           f"{dict(skips.counts)}); are the shards {self.urls[:3]} readable tars?")
+                    fruitless[0] += 1
+                    yield {"url": rng.choices(self.urls, weights=self.url_weights)[0]}
+        else:
+            def urls():
+                yield from ({"url": u} for u in self.urls)
+
+        def counted(samples):
+            for sample in samples:
+                fruitless[0] = 0
+                yield sample
+
+        streams = tariterators.url_opener(urls(), handler=handler)
+        files = tariterators.tar_file_expander(streams, handler=handler)
+        samples = counted(tariterators.group_by_keys(files, handler=handler))
+        if self.resampled:
+            if self.shuffle_buffer > 1:
+                shuffle_rng = random.Random(derive_seed(self.seed, epoch, rank, worker, 1))
+                yield from _shuffled(samples, self.shuffle_buffer, shuffle_rng)
+            else:
+                yield from samples
+        else:
+            slot, slots = rank * workers + worker, world * workers
+            yield from (s for i, s in enumerate(samples) if i % slots == slot)
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.num_workers:
+            raise RuntimeError(f"ShardStream was set up for {self.num_workers} workers but runs in {workers}; "
+                               f"iterate it through StreamLoader")
+        worker = (physical + self.worker_offset) % workers
+        rank, world = dist_rank_world()
+        pos = dataclasses.replace(self.start.get(worker, _Position()))
+        skips = SkipCounter(self.log_every)
+        while True:
+            yield from self._epoch(rank, world, worker, workers, pos, skips)
+            if not self.resampled:
+                return
+            pos = _Position(epoch=pos.epoch + 1)
+
+    def _epoch(self, rank, world, worker, workers, pos: _Position, skips: SkipCounter) -> Iterator:
+        if self.resampled and pos.batches >= self.epoch_batches:
+            return
+        raw = self._raw_samples(rank, world, worker, workers, pos.epoch, skips)
+        for _ in range(pos.drawn):  # resume: pass over what was drawn before, without decoding
+            if next(raw, None) is None:
+                return
+        items: list = []
+        pending = None  # one batch held back, so the last one also carries the skips after it
+
+        def hand_over(batch):
+            nonlocal pending
+            held, pending = pending, batch
+            if held is not None:
+                held.skipped = skips.take_new()
+            return held
+
+        while not (self.resampled and pos.batches >= self.epoch_batches):
+            sample = next(raw, None)
+            if sample is None:  # end of an evaluation pass
+                break
+            sample_seed = derive_seed(self.seed, pos.epoch, rank, worker, 2, pos.drawn)
+            pos.drawn += 1
+            try:
+                items.append(self.processor(sample, sample_seed))
+            except SkipSample as skip:
+                skips.add(skip, where=f"{sample.get('__url__')}:{sample.get('__key__')}")
+                continue
+            if len(items) == self.batch_size:
+                if (held := hand_over(self._batch(items, rank, worker, pos))) is not None:
+                    yield held
+                items = []
+        if items and (held := hand_over(self._batch(items, rank, worker, pos))) is not None:
+            yield held
+        if (last := hand_over(None)) is not None:
+            yield last
+
+    def _batch(self, items: list, rank: int, worker: int, pos: _Position):
+        batch = self.processor.collate(items, derive_seed(self.seed, pos.epoch, rank, worker, 3, pos.batches))
+        pos.batches += 1
+        batch.position = (worker, pos.epoch, pos.batches, pos.drawn)
+        return batch
+
+
+def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer: fill to ``bufsize``, then emit a random element per arriving sample."""
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        k = rng.randrange(bufsize)
+        buf[k], sample = sample, buf[k]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+class StreamLoader:
+    """A ``DataLoader`` over a :class:`ShardStream` that can save and restore its position.
+
+    Iterating yields batches forever in resampled mode (epoch after epoch) and one pass in
+    evaluation mode. ``state_dict()`` after n batches, loaded into a new loader over the same
+    shards and settings, makes it yield exactly batch n+1, n+2, ... of the original run.
+    """
+
+    def __init__(self, stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None):
+        self.stream = stream
+        self.num_workers = num_workers
+        stream.num_workers = max(num_workers, 1)
+        self._loader_kwargs = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory}
+        if num_workers:
+            self._loader_kwargs.update(persistent_workers=False, prefetch_factor=prefetch_factor or 2)
+        self._positions: dict[int, _Position] = {}
+        self._delivered = 0
+        self.skipped: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator:
+        self.stream.start = dict(self._positions)
+        self.stream.worker_offset = self._delivered % self.stream.num_workers
+        for batch in DataLoader(self.stream, **self._loader_kwargs):
+            worker, epoch, batches, drawn = batch.position
+            self._positions[worker] = _Position(epoch, batches, drawn)
+            self._delivered += 1
+            for reason, n in batch.skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"workers": self.stream.num_workers, "delivered": self._delivered, "skipped": dict(self.skipped),
+                "positions": {w: dataclasses.astuple(p) for w, p in self._positions.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["workers"] != self.stream.num_workers:
+            raise ValueError(f"the saved data position was recorded with {state['workers']} loader worker(s), this "
+                             f"loader has {self.stream.num_workers}; resume with the same number of workers")
+        self._delivered = state["delivered"]
+        self.skipped = dict(state["skipped"])
+        self._positions = {int(w): _Position(*p) for w, p in state["positions"].items()}
