@@ -1,0 +1,137 @@
+"""The committed demo shards (``data_pipelines/bundled/``): complete, decodable, leak-free, small.
+
+Reads the tars with :mod:`tarfile` only, so it needs none of the build-time packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from functools import cache
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_pipelines.shards import IMAGE_FIELDS, KINDS
+
+BUNDLED = Path(__file__).resolve().parents[1] / "data_pipelines" / "bundled"
+SPLITS = ("train", "val")
+MAX_BYTES = 15_000_000
+
+
+@cache
+def samples(kind: str, split: str) -> dict[str, dict[str, bytes]]:
+    """``{key: {field: bytes}}`` of one directory, members grouped by key as webdataset does."""
+    found: dict[str, dict[str, bytes]] = {}
+    for path in sorted((BUNDLED / kind / split).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, field = member.name.split(".", 1)
+                found.setdefault(key, {})[field] = tar.extractfile(member).read()
+    return found
+
+
+def image_bytes(sample: dict[str, bytes]) -> bytes:
+    return next(sample[f] for f in IMAGE_FIELDS if f in sample)
+
+
+def image_id(kind: str, key: str, sample: dict[str, bytes]) -> str:
+    return json.loads(sample["json"])["image_id"] if "json" in sample else key
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sizes_and_manifest_match_the_tars(kind, split):
+    directory = BUNDLED / kind / split
+    sizes = json.loads((directory / "sizes.json").read_text())
+    manifest = json.loads((directory / "manifest.json").read_text())
+    per_tar = {}
+    fields: Counter[str] = Counter()
+    for path in sorted(directory.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+        per_tar[path.name] = len({name.split(".", 1)[0] for name in names})
+        fields.update(name.split(".", 1)[1] for name in names)
+    assert sizes == per_tar
+    assert manifest["kind"] == kind
+    assert manifest["samples"] == sum(per_tar.values()) == len(samples(kind, split)) > 0
+    assert manifest["shards"] == len(per_tar)
+    assert manifest["fields"] == dict(fields)
+
+
+def test_build_info_and_data_md_give_the_shard_counts():
+    counts = {kind: {split: len(samples(kind, split)) for split in SPLITS} for kind in KINDS}
+    assert json.loads((BUNDLED / "build_info.json").read_text())["counts"] == counts
+    rows = re.findall(r"^\|\s*`(\w+)`\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", (BUNDLED / "DATA.md").read_text(), re.M)
+    assert {kind: {"train": int(train), "val": int(val)} for kind, train, val in rows} == counts
+
+
+def test_license_texts_ship_with_the_data():
+    names = {path.name for path in (BUNDLED / "licenses").iterdir() if path.stat().st_size > 0}
+    assert {"fonts-noto-color-emoji.copyright", "unicode-data.copyright", "unicode-cldr-core.copyright",
+            "python-LICENSE.txt", "scikit-learn-COPYING.txt"} <= names
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "text"])
+def test_every_image_decodes(kind, split):
+    for key, sample in samples(kind, split).items():
+        with Image.open(io.BytesIO(image_bytes(sample))) as image:
+            image.load()
+            assert min(image.size) >= 8, key
+
+
+def test_image_text_has_a_thousand_captioned_train_pairs():
+    pairs = samples("image_text", "train")
+    assert len(pairs) >= 1000
+    assert all(sample["txt"].decode("utf-8").strip() for sample in pairs.values())
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_text_documents_are_nonempty_utf8(split):
+    assert all(sample["txt"].decode("utf-8").strip() for sample in samples("text", split).values())
+
+
+def test_vqa_questions():
+    ids = []
+    for split in SPLITS:
+        questions = [json.loads(sample["json"]) for sample in samples("vqa", split).values()]
+        assert len({q["question_type"] for q in questions}) >= 3, split
+        for q in questions:
+            assert set(q) >= {"question_id", "question", "answers", "question_type", "image_id"}
+            assert len(q["answers"]) == 10 and all(isinstance(a, str) and a for a in q["answers"]), q
+        ids += [q["question_id"] for q in questions]
+    assert len(ids) == len(set(ids))
+    assert len(samples("vqa", "val")) >= 200
+
+
+def test_retrieval_images_have_several_captions():
+    for split in SPLITS:
+        for key, sample in samples("retrieval", split).items():
+            meta = json.loads(sample["json"])
+            assert meta["image_id"] == key
+            assert len(meta["captions"]) >= 2 and all(c.strip() for c in meta["captions"]), meta
+    assert len(samples("retrieval", "val")) >= 200
+
+
+def test_no_evaluation_image_is_in_any_train_split():
+    train_ids, train_digests = set(), set()
+    for kind in KINDS:
+        if kind != "text":
+            for key, sample in samples(kind, "train").items():
+                train_ids.add(image_id(kind, key, sample))
+                train_digests.add(hashlib.sha256(image_bytes(sample)).digest())
+    for kind in ("vqa", "retrieval"):
+        for key, sample in samples(kind, "val").items():
+            assert image_id(kind, key, sample) not in train_ids, (kind, key)
+            assert hashlib.sha256(image_bytes(sample)).digest() not in train_digests, (kind, key)
+
+
+def test_total_size_stays_small():
+    total = sum(path.stat().st_size for path in BUNDLED.rglob("*") if path.is_file())
+    assert total < MAX_BYTES, f"bundled data is {total:,} bytes; the budget is {MAX_BYTES:,}"
