@@ -13,6 +13,7 @@ The ratio loader/model must stay >= 3 for the loader never to be the bottleneck.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 import multimodal_moe as mm
+from data_pipelines.cli import shard_texts
 from data_pipelines.images import pretrain_transform
 from data_pipelines.masking import BlockMaskGenerator
 from data_pipelines.processors import ImageTextProcessor
@@ -51,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
 
     cfg = mm.load_config(args.preset).model
-    texts = []
-    for batch in StreamLoader(ShardStream(args.shards, _CaptionOnly(), batch_size=256, resampled=False)):
-        texts += batch
-        if len(texts) >= 2000:
-            break
+    texts = list(itertools.islice(shard_texts([args.shards]), 2000))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tokenizer(texts, Path(tmp) / "t.model", vocab_size=min(cfg.vocab_size, 1000))
 
@@ -89,20 +87,6 @@ def main(argv: list[str] | None = None) -> int:
                                     for w in (0, 2)}}
     print(json.dumps(report, indent=2))
     return 0
-
-
-class _CaptionOnly:
-    """Processor yielding captions, to train a tokenizer for the benchmark."""
-
-    def __call__(self, sample: dict, seed: int) -> str:
-        return sample["txt"].decode("utf-8", errors="replace")
-
-    def collate(self, items: list, seed: int):
-        return _Texts(items)
-
-
-class _Texts(list):
-    """A batch of captions (the stream sets ``skipped`` and ``position`` on it)."""
 
 
 if __name__ == "__main__":

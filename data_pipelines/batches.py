@@ -11,7 +11,7 @@ stood; used by :class:`~data_pipelines.streams.StreamLoader` to resume).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -24,21 +24,19 @@ class Batch:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     position: tuple[int, ...] = ()
 
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A copy with ``fn`` applied to every tensor field."""
+        return type(self)(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                             for f in dataclasses.fields(self)})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """A copy with every tensor field moved to ``device``."""
-        moved = {f.name: _to(getattr(self, f.name), device, non_blocking) for f in dataclasses.fields(self)}
-        return type(self)(**moved)
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this
-        return type(self)(**{f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-                             for f in dataclasses.fields(self)})
+        return self.map_tensors(torch.Tensor.pin_memory)
 
     def __len__(self) -> int:
         return len(self.keys)
-
-
-def _to(value: Any, device, non_blocking: bool) -> Any:
-    return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
-from webdataset import tariterators
 
 from .images import decode_image
-from .shards import IMAGE_FIELDS, KINDS, ShardSink, shard_urls
-from .skips import SkipCounter, SkipSample
+from .processors import decode_json
+from .shards import IMAGE_FIELDS, KINDS, ShardSink, read_manifest, shard_urls
+from .skips import SkipCounter, SkipSample, decode_text
 from .sources import SOURCES
+from .streams import tar_samples
 
 
 def cmd_write_shards(args: argparse.Namespace) -> int:
@@ -42,18 +43,9 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite) as sink:
         for key, fields in tqdm(samples, desc=f"write {args.kind} shards", unit="sample", file=sys.stderr):
             sink.write(key, fields)
-    manifest = json.loads((Path(args.out) / "manifest.json").read_text())
+    manifest = read_manifest(args.out)
     print(f"wrote {manifest['samples']} {args.kind} samples in {manifest['shards']} shard(s) to {args.out}")
     return 0
-
-
-def _raw_samples(urls: list[str], skips: SkipCounter) -> Iterator[dict]:
-    def handler(exn: Exception) -> bool:
-        skips.add(SkipSample("truncated_tar", str(exn)[:200]))
-        return True
-
-    opened = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
-    return tariterators.group_by_keys(tariterators.tar_file_expander(opened, handler=handler), handler=handler)
 
 
 def inspect_shards(spec: list[str], examples: int = 3) -> dict:
@@ -61,7 +53,7 @@ def inspect_shards(spec: list[str], examples: int = 3) -> dict:
     urls = shard_urls(spec)
     skips, fields, shown = SkipCounter(log_every=10**9), Counter(), []
     total = 0
-    for sample in tqdm(_raw_samples(urls, skips), desc="inspect", unit="sample", file=sys.stderr):
+    for sample in tqdm(tar_samples(urls, skips), desc="inspect", unit="sample", file=sys.stderr):
         total += 1
         names = [k for k in sample if not k.startswith("__")]
         fields.update(names)
@@ -72,15 +64,9 @@ def inspect_shards(spec: list[str], examples: int = 3) -> dict:
                     image = decode_image(sample[name])
                     example[name] = f"{image.width}x{image.height} {image.mode}"
                 elif name in ("txt", "json"):
-                    try:
-                        text = sample[name].decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise SkipSample("bad_utf8", str(e)) from None
+                    text = decode_text(sample[name])
                     if name == "json":
-                        try:
-                            json.loads(text)
-                        except json.JSONDecodeError as e:
-                            raise SkipSample("bad_json", str(e)) from None
+                        decode_json(sample[name])
                     example[name] = text if len(text) <= 120 else text[:117] + "..."
         except SkipSample as skip:
             skips.add(skip)
@@ -101,27 +87,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_texts(inputs: list[str]) -> Iterator[str]:
-    """Text of shard directories / tars (their ``txt`` fields and JSON captions/questions) or of files."""
+def shard_texts(inputs: list[str]) -> Iterator[str]:
+    """The text of shard directories / tars / brace patterns (``txt`` fields, JSON captions and
+    questions; undecodable ones skipped) or of plain text files."""
+    skips = SkipCounter()
     for item in inputs:
         path = Path(item)
-        if path.is_dir() or path.suffix == ".tar" or "{" in item:
-            for sample in _raw_samples(shard_urls(item), SkipCounter()):
+        if not (path.is_dir() or path.suffix == ".tar" or "{" in item):
+            yield path.read_text(encoding="utf-8")
+            continue
+        for sample in tar_samples(shard_urls(item), skips):
+            try:
                 if "txt" in sample:
-                    yield sample["txt"].decode("utf-8", errors="replace")
+                    yield decode_text(sample["txt"])
                 if "json" in sample:
-                    record = json.loads(sample["json"])
+                    record = decode_json(sample["json"])
                     yield from record.get("captions", [])
                     if "question" in record:
                         yield record["question"]
-        else:
-            yield path.read_text(encoding="utf-8")
+            except SkipSample as skip:
+                skips.add(skip)
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
-    texts = list(tqdm(_training_texts(args.inputs), desc="read text", unit="doc", file=sys.stderr))
+    texts = list(tqdm(shard_texts(args.inputs), desc="read text", unit="doc", file=sys.stderr))
     tok = train_tokenizer(texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
                           overwrite=args.overwrite)
     print(f"wrote {args.out}: {tok}")

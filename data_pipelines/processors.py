@@ -23,12 +23,12 @@ from .batches import ImageBatch, ImageTextBatch, RetrievalBatch, TextBatch, VQAB
 from .images import decode_image
 from .masking import BlockMaskGenerator
 from .shards import IMAGE_FIELDS
-from .skips import SkipSample
+from .skips import SkipSample, decode_text
 from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, mask_tokens
 from .tokenizer import Tokenizer
 
 __all__ = ["ImageProcessor", "ImageTextProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
-           "vqa_soft_score"]
+           "decode_json", "vqa_soft_score"]
 
 Transform = Callable[[Any], torch.Tensor]
 
@@ -54,16 +54,9 @@ def _field(sample: dict, *names: str) -> bytes:
     raise SkipSample("missing_field", f"needs {' or '.join(names)}, has {sorted(k for k in sample if k[0] != '_')}")
 
 
-def _text(data: bytes) -> str:
+def decode_json(data: bytes, *required: str) -> dict:
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SkipSample("bad_utf8", str(e)) from None
-
-
-def _json(data: bytes, *required: str) -> dict:
-    try:
-        record = json.loads(_text(data))
+        record = json.loads(decode_text(data))
     except json.JSONDecodeError as e:
         raise SkipSample("bad_json", str(e)) from None
     missing = [k for k in required if not isinstance(record, dict) or k not in record]
@@ -175,12 +168,13 @@ class VQAProcessor:
     normalize_answer: Callable[[str], str] = str.strip
     max_pixels: int = 64_000_000
 
+    def __post_init__(self):
+        self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
+
     def __call__(self, sample: dict, seed: int) -> tuple:
-        record = _json(_field(sample, "json"), "question_id", "question", "answers")
+        record = decode_json(_field(sample, "json"), "question_id", "question", "answers")
         ids = self.tokenizer.encode_for_model(record["question"], self.max_len)
-        image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
-        with _seeded(seed):
-            x_3HW = self.transform(image)
+        x_3HW, _ = self._image.image(sample, seed)
         return (sample["__key__"], x_3HW, ids, str(record["question_id"]), str(record.get("question_type", "")),
                 [str(a) for a in record["answers"]])
 
@@ -210,17 +204,18 @@ class RetrievalProcessor:
     all_captions: bool = False
     max_pixels: int = 64_000_000
 
+    def __post_init__(self):
+        self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
+
     def __call__(self, sample: dict, seed: int) -> tuple:
-        record = _json(_field(sample, "json"), "image_id", "captions")
+        record = decode_json(_field(sample, "json"), "image_id", "captions")
         captions = [c for c in record["captions"] if isinstance(c, str) and c.strip()]
         if not captions:
             raise SkipSample("bad_json", "no captions")
         if not self.all_captions:
             captions = [random.Random(seed).choice(captions)]
         seqs = [self.tokenizer.encode_for_model(c, self.max_len) for c in captions]
-        image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
-        with _seeded(seed):
-            x_3HW = self.transform(image)
+        x_3HW, _ = self._image.image(sample, seed)
         return sample["__key__"], x_3HW, str(record["image_id"]), seqs
 
     def collate(self, items: list, seed: int) -> RetrievalBatch:

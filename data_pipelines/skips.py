@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-__all__ = ["REASONS", "SkipCounter", "SkipSample"]
+__all__ = ["REASONS", "SkipCounter", "SkipSample", "decode_text"]
 
 REASONS = {
     "truncated_tar": "a shard ended inside a member (or is not a tar at all); later samples of it are lost",
@@ -37,6 +37,14 @@ class SkipSample(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def decode_text(data: bytes | bytearray) -> str:
+    """Strict UTF-8, or :class:`SkipSample` ``bad_utf8``."""
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SkipSample("bad_utf8", f"{e.reason} at byte {e.start}") from None
 
 
 class SkipCounter:

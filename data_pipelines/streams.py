@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,7 +40,7 @@ from webdataset import tariterators
 from .shards import shard_urls
 from .skips import SkipCounter, SkipSample
 
-__all__ = ["Processor", "ShardStream", "StreamLoader", "derive_seed", "dist_rank_world"]
+__all__ = ["Processor", "ShardStream", "StreamLoader", "derive_seed", "dist_rank_world", "tar_samples"]
 
 
 class Processor(Protocol):
@@ -111,10 +111,6 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int,
                      skips: SkipCounter) -> Iterator[dict]:
-        def handler(exn: Exception) -> bool:
-            skips.add(SkipSample("truncated_tar", str(exn)[:200]))
-            return True
-
         fruitless = [0]  # shards opened since the last sample came out of one
 
         if self.resampled:
@@ -127,19 +123,17 @@ class ShardStream(IterableDataset):
                         raise RuntimeError(f"{fruitless[0]} shards in a row gave no sample (skipped so far: "
                                            f"{dict(skips.counts)}); are the shards {self.urls[:3]} readable tars?")
                     fruitless[0] += 1
-                    yield {"url": rng.choices(self.urls, weights=self.url_weights)[0]}
+                    yield rng.choices(self.urls, weights=self.url_weights)[0]
         else:
             def urls():
-                yield from ({"url": u} for u in self.urls)
+                yield from self.urls
 
         def counted(samples):
             for sample in samples:
                 fruitless[0] = 0
                 yield sample
 
-        streams = tariterators.url_opener(urls(), handler=handler)
-        files = tariterators.tar_file_expander(streams, handler=handler)
-        samples = counted(tariterators.group_by_keys(files, handler=handler))
+        samples = counted(tar_samples(urls(), skips))
         if self.resampled:
             if self.shuffle_buffer > 1:
                 shuffle_rng = random.Random(derive_seed(self.seed, epoch, rank, worker, 1))
@@ -166,24 +160,22 @@ class ShardStream(IterableDataset):
                 return
             pos = _Position(epoch=pos.epoch + 1)
 
+    def _epoch_done(self, pos: _Position) -> bool:
+        return self.resampled and pos.batches >= self.epoch_batches
+
     def _epoch(self, rank, world, worker, workers, pos: _Position, skips: SkipCounter) -> Iterator:
-        if self.resampled and pos.batches >= self.epoch_batches:
+        if self._epoch_done(pos):  # resumed at the end of an epoch
             return
         raw = self._raw_samples(rank, world, worker, workers, pos.epoch, skips)
         for _ in range(pos.drawn):  # resume: pass over what was drawn before, without decoding
             if next(raw, None) is None:
                 return
+        yield from _carrying_skips(self._batches(raw, rank, worker, pos, skips), skips)
+
+    def _batches(self, raw: Iterator[dict], rank: int, worker: int, pos: _Position,
+                 skips: SkipCounter) -> Iterator:
         items: list = []
-        pending = None  # one batch held back, so the last one also carries the skips after it
-
-        def hand_over(batch):
-            nonlocal pending
-            held, pending = pending, batch
-            if held is not None:
-                held.skipped = skips.take_new()
-            return held
-
-        while not (self.resampled and pos.batches >= self.epoch_batches):
+        while not self._epoch_done(pos):
             sample = next(raw, None)
             if sample is None:  # end of an evaluation pass
                 break
@@ -195,19 +187,42 @@ class ShardStream(IterableDataset):
                 skips.add(skip, where=f"{sample.get('__url__')}:{sample.get('__key__')}")
                 continue
             if len(items) == self.batch_size:
-                if (held := hand_over(self._batch(items, rank, worker, pos))) is not None:
-                    yield held
+                yield self._batch(items, rank, worker, pos)
                 items = []
-        if items and (held := hand_over(self._batch(items, rank, worker, pos))) is not None:
-            yield held
-        if (last := hand_over(None)) is not None:
-            yield last
+        if items:
+            yield self._batch(items, rank, worker, pos)
 
     def _batch(self, items: list, rank: int, worker: int, pos: _Position):
         batch = self.processor.collate(items, derive_seed(self.seed, pos.epoch, rank, worker, 3, pos.batches))
         pos.batches += 1
         batch.position = (worker, pos.epoch, pos.batches, pos.drawn)
         return batch
+
+
+def _carrying_skips(batches: Iterator, skips: SkipCounter) -> Iterator:
+    """Each batch with the skips counted since the previous one; held back by one batch, so the
+    last batch also carries the skips that came after it (e.g. a truncated final shard)."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            held.skipped = skips.take_new()
+            yield held
+        held = batch
+    if held is not None:
+        held.skipped = skips.take_new()
+        yield held
+
+
+def tar_samples(urls: Iterable[str], skips: SkipCounter) -> Iterator[dict]:
+    """Samples (dicts of raw bytes plus ``__key__`` and ``__url__``) of the tars at ``urls``, by
+    webdataset's reader; an unreadable or truncated tar is counted as ``truncated_tar`` and
+    the stream goes on with the next one."""
+    def handler(exn: Exception) -> bool:
+        skips.add(SkipSample("truncated_tar", str(exn)[:200]))
+        return True
+
+    opened = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
+    return tariterators.group_by_keys(tariterators.tar_file_expander(opened, handler=handler), handler=handler)
 
 
 def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -235,7 +250,6 @@ class StreamLoader:
     def __init__(self, stream: ShardStream, *, num_workers: int = 0, pin_memory: bool = False,
                  prefetch_factor: int | None = None):
         self.stream = stream
-        self.num_workers = num_workers
         stream.num_workers = max(num_workers, 1)
         self._loader_kwargs = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory}
         if num_workers:

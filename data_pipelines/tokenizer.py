@@ -34,7 +34,7 @@ from typing import Literal
 
 import sentencepiece as spm
 
-from .skips import SkipSample
+from .skips import SkipSample, decode_text
 
 __all__ = ["LAYOUTS", "Tokenizer", "train_tokenizer"]
 
@@ -155,10 +155,7 @@ class Tokenizer:
         if max_len < 3:
             raise ValueError(f"max_len={max_len} leaves no room for a token between bos and eos; use max_len >= 3")
         if isinstance(text, (bytes, bytearray)):
-            try:
-                text = bytes(text).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SkipSample("bad_utf8", f"{e.reason} at byte {e.start}") from None
+            text = decode_text(text)
         elif not isinstance(text, str):
             raise TypeError(f"encode_for_model takes str or bytes, got {type(text).__name__}")
         ids = self.encode(text)

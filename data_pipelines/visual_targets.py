@@ -25,12 +25,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from timm.layers import PatchEmbed
+from timm.models.beit import Block as BeitBlock
 from torch import Tensor, nn
 
 from .images import BEIT3_MEAN, BEIT3_STD
@@ -269,67 +272,21 @@ _VQKD_IGNORED_PREFIXES = ("decoder.", "decode_task_layer.", "teacher_model.", "s
                           "quantize.embedding.initted")
 
 
-class _Attention(nn.Module):
-    """BEiT attention: one bias-free qkv projection plus separate q and v biases (k has none)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        B, T, D = x_BTD.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x_BTD, self.qkv.weight, bias).reshape(B, T, 3, self.heads, D // self.heads).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.proj(out.transpose(1, 2).reshape(B, T, D))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class _Block(nn.Module):
-    """Pre-norm block; the published encoder has no layer scale (init_values 0)."""
-
-    def __init__(self, dim: int, heads: int, hidden: int):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), _Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), _Mlp(dim, hidden)
-
-    def forward(self, x_BTD: Tensor) -> Tensor:
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD))
-        return x_BTD + self.mlp(self.norm2(x_BTD))
-
-
-class _PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, images_B3HW: Tensor) -> Tensor:
-        return self.proj(images_B3HW).flatten(2).transpose(1, 2)
-
-
 class _Encoder(nn.Module):
     """BEiT v2 ``VisionTransformer`` with mean-pooling layout: abs. position embedding, cls
-    token, blocks, and ``fc_norm`` applied to the patch tokens (``return_patch_tokens=True``)."""
+    token, timm's BEiT blocks (bias-free qkv plus separate q and v biases, LayerNorm eps 1e-6, no
+    layer scale: the published init_values is 0), and ``fc_norm`` applied to the patch tokens
+    (``return_patch_tokens=True``)."""
 
-    def __init__(self, num_patches: int, patch_size: int, dim: int, depth: int, heads: int, hidden: int):
+    def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float):
         super().__init__()
-        self.patch_embed = _PatchEmbed(patch_size, dim)
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
-        self.blocks = nn.ModuleList(_Block(dim, heads, hidden) for _ in range(depth))
-        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim))
+        self.blocks = nn.ModuleList(BeitBlock(dim, heads, qkv_bias=True, mlp_ratio=mlp_ratio, norm_layer=norm)
+                                    for _ in range(depth))
+        self.fc_norm = norm(dim)
 
     def forward(self, images_B3HW: Tensor) -> Tensor:
         x_BPD = self.patch_embed(images_B3HW)
@@ -382,7 +339,7 @@ class VQKDTokenizer(VisualTargets):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.image_size, self.patch_size, self.num_classes = image_size, patch_size, codebook_size
-        self.encoder = _Encoder((image_size // patch_size) ** 2, patch_size, dim, depth, heads, round(dim * mlp_ratio))
+        self.encoder = _Encoder(image_size, patch_size, dim, depth, heads, mlp_ratio)
         self.encode_task_layer = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, codebook_dim))
         self.quantize = _Quantizer(codebook_size, codebook_dim)
         # x_encoder = 2 * (x * std + mean) - 1, per channel; identity for mean = std = 0.5.

@@ -8,11 +8,11 @@ same (B, T, D) input. Variants are timed interleaved, round after round, so that
 of the machine hits them all; the median round gives tokens/s and the ratio to the dense FFN
 measured in the same run. Peak memory is measured in a fresh process per variant: the rise of
 the peak resident set during one step (Linux: the peak is reset through /proc/self/clear_refs).
-With ``transformers`` installed (``pip install
-'multimodal_moe[bench]'``), Hugging Face's eager ``MixtralSparseMoeBlock`` is timed in the
-same rounds against our ``topk_moe`` with the same SwiGLU expert shapes. Unless told otherwise,
-the benchmark first calls :func:`multimodal_moe.runtime.keep_freed_memory` (the setting a
-CPU training process should use), so that no variant pays for page faults on memory freed by the step before.
+With ``transformers`` installed (``pip install 'multimodal_moe[bench]'``), Hugging Face's eager
+``MixtralSparseMoeBlock`` is timed in the same rounds against our ``topk_moe`` with the same
+SwiGLU expert shapes. Unless told otherwise, the benchmark first calls
+:func:`multimodal_moe.runtime.keep_freed_memory` (the setting a CPU training process should
+use), so that no variant pays for page faults on memory freed by the step before.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ all of its large activations and gradients again. A MoE layer holds E times the 
 weight gradients and so pays that cost many times over: measured here at T=4096, d=512,
 top-2 of 32 experts, about 81,000 minor page faults per forward+backward against 25,000 for
 the dense FFN, and 0 for both with :func:`keep_freed_memory`; the MoE step went from 497 to
-429 ms while the dense FFN's did not change measurably. This is the same reason CPU performance guides
-recommend jemalloc or tcmalloc; this module gets it from glibc itself, with no extra
-library and no environment variable.
+429 ms while the dense FFN's did not change measurably. This is the same reason CPU
+performance guides recommend jemalloc or tcmalloc; this module gets it from glibc itself, with
+no extra library and no environment variable.
 """
 
 from __future__ import annotations

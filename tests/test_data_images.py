@@ -458,7 +458,7 @@ def slow_encoder(tokenizer: VQKDTokenizer, x: torch.Tensor) -> torch.Tensor:
     for block in enc.blocks:
         a = F.layer_norm(h, h.shape[-1:], block.norm1.weight, block.norm1.bias, eps=1e-6)
         D = a.shape[-1]
-        heads, d = block.attn.heads, D // block.attn.heads
+        heads, d = block.attn.num_heads, D // block.attn.num_heads
         qkv = a @ block.attn.qkv.weight.T
         q = (qkv[..., :D] + block.attn.q_bias).unflatten(-1, (heads, d)).transpose(1, 2)
         k = qkv[..., D:2 * D].unflatten(-1, (heads, d)).transpose(1, 2)
@@ -499,7 +499,7 @@ def test_vqkd_state_dict_round_trip(tokenizer):
                            "quantize.cluster_size": torch.zeros(64)}}
     loaded = VQKDTokenizer.from_state_dict(published)
     assert (loaded.image_size, loaded.patch_size, len(loaded.encoder.blocks), loaded.num_classes) == (32, 8, 2, 64)
-    assert loaded.encoder.blocks[0].attn.heads == 1  # heads are not in the weights: dim // 64, at least 1
+    assert loaded.encoder.blocks[0].attn.num_heads == 1  # heads are not in the weights: dim // 64, at least 1
     assert torch.equal(VQKDTokenizer.from_state_dict(published, heads=2)(x), tokenizer(x))
     assert loaded.ignored_keys == ["decode_task_layer.0.weight", "decoder.blocks.0.norm1.weight",
                                    "quantize.cluster_size", "quantize.embedding.embed_avg"]

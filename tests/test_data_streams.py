@@ -143,6 +143,10 @@ def test_every_kind_round_trips(tmp_path, tokenizer):
     assert pairs.images_B3HW.shape == (2, 3, 8, 8) and pairs.image_mask_BP.sum(1).tolist() == [2, 2]
     masked = pairs.mlm_labels_BL != -100
     assert (masked.sum(1) > 0).all() and not (masked & pairs.padding_mask_BL).any()
+    wide = pairs.map_tensors(lambda t: t.to(torch.float64))  # what .to(device) does to every tensor
+    assert wide.images_B3HW.dtype == wide.text_ids_BL.dtype == torch.float64
+    assert wide.keys == pairs.keys and wide.position == pairs.position and torch.equal(wide.images_B3HW,
+                                                                                       pairs.images_B3HW.double())
 
 
 def test_evaluation_split_sees_each_sample_once_across_ranks_and_workers(tmp_path, tokenizer, monkeypatch):

@@ -37,9 +37,3 @@ def test_freed_memory_is_reused_without_page_faults():
     assert default_faults > 30_000  # two 64 MiB gradients in fresh 4 KiB pages, every step
     assert kept_faults < 100
 
-
-def test_keep_freed_memory_is_idempotent():
-    from multimodal_moe import runtime
-
-    first = runtime.keep_freed_memory()
-    assert runtime.keep_freed_memory() == first
