@@ -14,13 +14,12 @@ import dataclasses
 import json
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from .batches import ImageBatch, ImageTextBatch, RetrievalBatch, TextBatch, VQABatch
-from .images import decode_image
+from .images import ImageTransform, decode_image
 from .masking import BlockMaskGenerator
 from .shards import IMAGE_FIELDS
 from .skips import SkipSample, decode_text
@@ -29,9 +28,6 @@ from .tokenizer import Tokenizer
 
 __all__ = ["ImageProcessor", "ImageTextProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
            "decode_json", "vqa_soft_score"]
-
-Transform = Callable[[Any], torch.Tensor]
-
 
 @contextlib.contextmanager
 def _seeded(seed: int):
@@ -77,24 +73,29 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 @dataclasses.dataclass
 class ImageProcessor:
-    """Images for masked image modeling: decode, augment, draw a block mask (or none)."""
-    transform: Transform
+    """Images for masked image modeling: decode, augment, draw a block mask (or none);
+    normalised per batch (:meth:`stack`)."""
+    transform: ImageTransform
     mask: BlockMaskGenerator | None = None
     max_pixels: int = 64_000_000
 
     def image(self, sample: dict, seed: int) -> tuple[torch.Tensor, np.ndarray | None]:
         image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
         with _seeded(seed):
-            x_3HW = self.transform(image)
+            x_3HW = self.transform.pixels(image)
         mask_P = None if self.mask is None else self.mask(np.random.default_rng(seed)).reshape(-1)
         return x_3HW, mask_P
 
     def __call__(self, sample: dict, seed: int) -> tuple:
         return (sample["__key__"], *self.image(sample, seed))
 
+    def stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The images of :meth:`image`, stacked and normalised: (B, 3, S, S) float."""
+        return self.transform.normalize(torch.stack(images))
+
     def collate(self, items: list, seed: int) -> ImageBatch:
         keys, images, masks = zip(*items)
-        return ImageBatch(keys=list(keys), images_B3HW=torch.stack(images), image_mask_BP=_stack_masks(masks))
+        return ImageBatch(keys=list(keys), images_B3HW=self.stack(images), image_mask_BP=_stack_masks(masks))
 
 
 def _stack_masks(masks: Sequence[np.ndarray | None]) -> torch.Tensor | None:
@@ -136,7 +137,7 @@ class ImageTextProcessor:
     text: TextProcessor
 
     @classmethod
-    def build(cls, tokenizer: Tokenizer, transform: Transform, *, mask: BlockMaskGenerator | None = None,
+    def build(cls, tokenizer: Tokenizer, transform: ImageTransform, *, mask: BlockMaskGenerator | None = None,
               max_len: int = 64, mlm_ratio: float | None = IMAGE_TEXT_MASK_RATIO) -> ImageTextProcessor:
         return cls(ImageProcessor(transform, mask), TextProcessor(tokenizer, max_len, mlm_ratio))
 
@@ -147,7 +148,7 @@ class ImageTextProcessor:
     def collate(self, items: list, seed: int) -> ImageTextBatch:
         keys, images, masks, seqs = zip(*items)
         ids_BL, padding_BL, labels_BL = self.text.text_batch(seqs, seed)
-        return ImageTextBatch(keys=list(keys), images_B3HW=torch.stack(images), image_mask_BP=_stack_masks(masks),
+        return ImageTextBatch(keys=list(keys), images_B3HW=self.image.stack(images), image_mask_BP=_stack_masks(masks),
                               text_ids_BL=ids_BL, padding_mask_BL=padding_BL, mlm_labels_BL=labels_BL)
 
 
@@ -162,7 +163,7 @@ class VQAProcessor:
     """Image + question; with ``answer_vocab`` (normalised answer -> index) also the soft-score
     targets, answers normalised by ``normalize_answer`` before lookup."""
     tokenizer: Tokenizer
-    transform: Transform
+    transform: ImageTransform
     max_len: int = 64
     answer_vocab: dict[str, int] | None = None
     normalize_answer: Callable[[str], str] = str.strip
@@ -189,7 +190,7 @@ class VQAProcessor:
                 for answer in set(normalised):
                     if answer in self.answer_vocab:
                         targets_BA[b, self.answer_vocab[answer]] = vqa_soft_score(normalised.count(answer))
-        return VQABatch(keys=list(keys), images_B3HW=torch.stack(images), text_ids_BL=ids_BL,
+        return VQABatch(keys=list(keys), images_B3HW=self._image.stack(images), text_ids_BL=ids_BL,
                         padding_mask_BL=padding_BL, question_ids=list(qids), question_types=list(qtypes),
                         answers=[list(a) for a in answers],
                         targets_BA=targets_BA)
@@ -199,7 +200,7 @@ class VQAProcessor:
 class RetrievalProcessor:
     """An image and its captions: one caption drawn per image (training) or all of them (evaluation)."""
     tokenizer: Tokenizer
-    transform: Transform
+    transform: ImageTransform
     max_len: int = 64
     all_captions: bool = False
     max_pixels: int = 64_000_000
@@ -223,5 +224,5 @@ class RetrievalProcessor:
         seqs = [s for caps in caption_lists for s in caps]
         ids_NL, padding_NL = _pad(seqs, self.tokenizer.pad_id)
         owner_N = torch.tensor([b for b, caps in enumerate(caption_lists) for _ in caps])
-        return RetrievalBatch(keys=list(keys), images_B3HW=torch.stack(images), image_ids=list(image_ids),
+        return RetrievalBatch(keys=list(keys), images_B3HW=self._image.stack(images), image_ids=list(image_ids),
                               text_ids_NL=ids_NL, padding_mask_NL=padding_NL, caption_image_N=owner_N)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
+from torchvision.transforms import v2
 
 from data_pipelines.images import (
     BEIT3_MEAN,
@@ -188,6 +189,38 @@ def test_random_transforms_are_reproducible_under_a_seed(name):
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def v2_compose_oracle(name: str) -> v2.Compose:
+    """The same transforms as torchvision's class-based v2 pipeline (about 2.5x slower per image)."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    geometry = {
+        "pretrain": [v2.RandomResizedCrop(32, scale=(0.08, 1.0), interpolation=bicubic, antialias=True),
+                     v2.RandomHorizontalFlip(0.5)],
+        "finetune": [v2.RandomResizedCrop(32, scale=(0.5, 1.0), interpolation=bicubic, antialias=True),
+                     v2.RandomHorizontalFlip(0.5)],
+        "eval_squash": [v2.Resize((32, 32), interpolation=bicubic, antialias=True)],
+        "eval_center_crop": [v2.Resize(36, interpolation=bicubic, antialias=True), v2.CenterCrop(32)],
+    }[name]
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize([0.5] * 3, [0.5] * 3), v2.ToPureTensor()])
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "eval_squash", "eval_center_crop"])
+def test_transforms_equal_torchvision_v2_compose(name):
+    transform, oracle, image = ALL_TRANSFORMS[name](), v2_compose_oracle(name), gradient_image(90, 60)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        expected = oracle(image)
+        torch.manual_seed(seed)
+        assert torch.allclose(transform(image), expected, atol=1e-6)
+
+
+def test_pixels_then_batch_normalisation_equals_the_whole_transform():
+    transform, images = eval_transform(32), [gradient_image(90, 60), gradient_image(40, 70)]
+    pixels = [transform.pixels(image) for image in images]
+    assert all(p.dtype == torch.uint8 and p.shape == (3, 32, 32) for p in pixels)
+    assert torch.equal(transform.normalize(torch.stack(pixels)), torch.stack([transform(i) for i in images]))
 
 
 def test_transform_argument_errors():
