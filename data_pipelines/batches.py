@@ -90,5 +90,9 @@ class RetrievalBatch(Batch):
 
 @dataclasses.dataclass(kw_only=True)
 class LMBatch(Batch):
-    """Packed token sequences of T + 1 ids: inputs ``ids_BT[:, :-1]``, targets ``ids_BT[:, 1:]``."""
+    """Packed token sequences of T + 1 ids: inputs ``ids_BT[:, :-1]``, targets ``ids_BT[:, 1:]``.
+    Rows cut across documents, so ``keys`` is empty."""
     ids_BT: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids_BT.shape[0]

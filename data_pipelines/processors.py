@@ -18,15 +18,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .batches import ImageBatch, ImageTextBatch, RetrievalBatch, TextBatch, VQABatch
+from .batches import ImageBatch, ImageTextBatch, LMBatch, RetrievalBatch, TextBatch, VQABatch
 from .images import ImageTransform, decode_image
 from .masking import BlockMaskGenerator
 from .shards import IMAGE_FIELDS
 from .skips import SkipSample, decode_text
-from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, mask_tokens
+from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens
 from .tokenizer import Tokenizer
 
-__all__ = ["ImageProcessor", "ImageTextProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
+__all__ = ["ImageProcessor", "ImageTextProcessor", "LMProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
            "decode_json", "vqa_soft_score"]
 
 @contextlib.contextmanager
@@ -226,3 +226,23 @@ class RetrievalProcessor:
         owner_N = torch.tensor([b for b, caps in enumerate(caption_lists) for _ in caps])
         return RetrievalBatch(keys=list(keys), images_B3HW=self._image.stack(images), image_ids=list(image_ids),
                               text_ids_NL=ids_NL, padding_mask_NL=padding_NL, caption_image_N=owner_N)
+
+
+@dataclasses.dataclass
+class LMProcessor:
+    """Text documents for the causal LM: each tokenised and closed with eos, then packed across
+    documents into rows of ``seq_len + 1`` tokens (:class:`~data_pipelines.text.TokenPacker`)."""
+    tokenizer: Tokenizer
+    seq_len: int = 256
+
+    def __call__(self, sample: dict, seed: int) -> list[int]:
+        ids = self.tokenizer.encode(decode_text(_field(sample, "txt")))
+        if not ids:
+            raise SkipSample("empty_text", "no tokens")
+        return [*ids, self.tokenizer.eos_id]
+
+    def batcher(self, batch_size: int, skip: int) -> TokenPacker:
+        return TokenPacker(batch_size, self.seq_len, skip)
+
+    def collate(self, rows: list[list[int]], seed: int) -> LMBatch:
+        return LMBatch(keys=[], ids_BT=torch.tensor(rows, dtype=torch.long))

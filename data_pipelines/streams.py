@@ -21,7 +21,9 @@ continue with exactly the batches the uninterrupted run would have produced, in 
 
 A *processor* turns samples into batches (see ``data_pipelines.processors``): ``processor(sample,
 seed)`` returns an item or raises :class:`~data_pipelines.skips.SkipSample`, and
-``processor.collate(items, seed)`` returns a batch dataclass with a ``skipped`` field.
+``processor.collate(items, seed)`` returns a batch dataclass with a ``skipped`` field. Items
+are grouped ``batch_size`` at a time unless the processor brings its own ``batcher(batch_size,
+skip)`` (the LM processor packs documents into fixed-length rows).
 """
 
 from __future__ import annotations
@@ -63,10 +65,29 @@ def dist_rank_world() -> tuple[int, int]:
 
 @dataclasses.dataclass
 class _Position:
-    """Where a worker's stream stands: its epoch, batches and raw samples drawn in it."""
+    """Where a worker's stream stands in an epoch: batches made, raw samples drawn, and how much
+    of the next sample the last batch already took (only a token packer takes part of one)."""
     epoch: int = 0
     batches: int = 0
     drawn: int = 0
+    offset: int = 0
+
+
+class _ItemBatcher:
+    """``batch_size`` items per batch (the packer interface of :class:`~data_pipelines.text.TokenPacker`)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.items = batch_size, []
+
+    def add(self, index: int, item) -> list[tuple[list, int, int]]:
+        self.items.append(item)
+        if len(self.items) < self.batch_size:
+            return []
+        full, self.items = self.items, []
+        return [(full, index + 1, 0)]
+
+    def rest(self) -> list:
+        return self.items
 
 
 class ShardStream(IterableDataset):
@@ -174,28 +195,31 @@ class ShardStream(IterableDataset):
 
     def _batches(self, raw: Iterator[dict], rank: int, worker: int, pos: _Position,
                  skips: SkipCounter) -> Iterator:
-        items: list = []
+        make_batcher = getattr(self.processor, "batcher", None)
+        batcher = make_batcher(self.batch_size, pos.offset) if make_batcher else _ItemBatcher(self.batch_size)
         while not self._epoch_done(pos):
             sample = next(raw, None)
             if sample is None:  # end of an evaluation pass
                 break
-            sample_seed = derive_seed(self.seed, pos.epoch, rank, worker, 2, pos.drawn)
+            index = pos.drawn
             pos.drawn += 1
             try:
-                items.append(self.processor(sample, sample_seed))
+                item = self.processor(sample, derive_seed(self.seed, pos.epoch, rank, worker, 2, index))
             except SkipSample as skip:
                 skips.add(skip, where=f"{sample.get('__url__')}:{sample.get('__key__')}")
                 continue
-            if len(items) == self.batch_size:
-                yield self._batch(items, rank, worker, pos)
-                items = []
-        if items:
-            yield self._batch(items, rank, worker, pos)
+            for items, next_index, offset in batcher.add(index, item):
+                if self._epoch_done(pos):  # a long document can fill more batches than the epoch has left
+                    break
+                yield self._batch(items, rank, worker, pos, next_index, offset)
+        if rest := batcher.rest():
+            yield self._batch(rest, rank, worker, pos, pos.drawn, 0)
 
-    def _batch(self, items: list, rank: int, worker: int, pos: _Position):
+    def _batch(self, items: list, rank: int, worker: int, pos: _Position, next_index: int, offset: int):
+        """A batch whose successor starts at raw sample ``next_index``, ``offset`` tokens in."""
         batch = self.processor.collate(items, derive_seed(self.seed, pos.epoch, rank, worker, 3, pos.batches))
         pos.batches += 1
-        batch.position = (worker, pos.epoch, pos.batches, pos.drawn)
+        batch.position = (worker, pos.epoch, pos.batches, next_index, offset)
         return batch
 
 
@@ -262,8 +286,8 @@ class StreamLoader:
         self.stream.start = dict(self._positions)
         self.stream.worker_offset = self._delivered % self.stream.num_workers
         for batch in DataLoader(self.stream, **self._loader_kwargs):
-            worker, epoch, batches, drawn = batch.position
-            self._positions[worker] = _Position(epoch, batches, drawn)
+            worker, *where = batch.position
+            self._positions[worker] = _Position(*where)
             self._delivered += 1
             for reason, n in batch.skipped.items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + n

@@ -13,11 +13,12 @@ Shapes: B batch, L sequence length (tokens, bos and eos included).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["IMAGE_TEXT_MASK_RATIO", "TEXT_MASK_RATIO", "mask_tokens", "pack_documents"]
+__all__ = ["IMAGE_TEXT_MASK_RATIO", "TEXT_MASK_RATIO", "TokenPacker", "mask_tokens", "pack_documents"]
 
 TEXT_MASK_RATIO = 0.15
 IMAGE_TEXT_MASK_RATIO = 0.5
@@ -91,26 +92,63 @@ def mask_tokens(ids_BL: torch.Tensor, padding_mask_BL: torch.Tensor, *, ratio: f
     return input_ids_BL, labels_BL
 
 
-def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> Iterator[list[int]]:
-    """Pack token documents into chunks of ``seq_len + 1`` tokens for next-token prediction.
+class TokenPacker:
+    """Packs documents into batches of ``batch_size`` chunks of ``seq_len + 1`` tokens and knows,
+    after each batch, where the rest of the stream starts, so a resumed reader continues exactly.
 
-    The stream is ``doc_0 + [eos] + doc_1 + [eos] + ...``; chunk i is
-    ``stream[i * seq_len : i * seq_len + seq_len + 1]``, so consecutive chunks share one token and
-    with inputs ``chunk[:-1]`` and targets ``chunk[1:]`` every stream token after the first is a
-    target exactly once. Documents may straddle chunks (no cross-document attention mask is
-    implied). The final incomplete chunk is dropped: up to ``seq_len`` tokens at the end of the
-    stream are never targets. Lazy: reads only as many documents as the chunks it yields need.
+    The stream is ``doc_0 + doc_1 + ...`` (each document already ends with eos); batch j holds
+    the chunks ``stream[i * seq_len : i * seq_len + seq_len + 1]`` for i = j*batch_size ... so
+    consecutive chunks share one token and, with inputs ``chunk[:-1]`` and targets ``chunk[1:]``,
+    every stream token after the first is a target exactly once. Documents straddle chunks (no
+    cross-document attention mask is implied); the incomplete tail is never emitted.
+
+    ``add(index, doc)`` takes documents with increasing indices (the reader's raw-sample index)
+    and returns the batches they complete, each with ``(index, offset)``: the document the next
+    batch starts in and how many of its tokens came before. A packer created with
+    ``skip=offset``, fed from that document on, continues the stream exactly.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len}; a chunk needs seq_len >= 1")
-    buffer: list[int] = []
-    start = 0
-    for doc in docs:
-        buffer.extend(doc)
-        buffer.append(eos_id)
-        while len(buffer) - start >= seq_len + 1:
-            yield buffer[start:start + seq_len + 1]
-            start += seq_len
-        # Drop the consumed prefix once per document, not per chunk, to stay linear in the stream.
-        del buffer[:start]
-        start = 0
+
+    def __init__(self, batch_size: int, seq_len: int, skip: int = 0):
+        if seq_len < 1:
+            raise ValueError(f"seq_len={seq_len}; a chunk needs seq_len >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; a batch needs batch_size >= 1")
+        self.batch_size, self.seq_len, self.skip = batch_size, seq_len, skip
+        self.buffer: list[int] = []
+        self.spans: deque[list[int]] = deque()  # [doc index, its tokens in the buffer, tokens before those]
+
+    def add(self, index: int, doc: Sequence[int]) -> list[tuple[list[list[int]], int, int]]:
+        start, self.skip = self.skip, 0
+        if len(doc) > start:
+            self.buffer.extend(doc[start:])
+            self.spans.append([index, len(doc) - start, start])
+        batches = []
+        step = self.batch_size * self.seq_len
+        while len(self.buffer) >= step + 1:
+            rows = [self.buffer[i:i + self.seq_len + 1] for i in range(0, step, self.seq_len)]
+            del self.buffer[:step]  # the last token stays: it starts the next chunk
+            consumed = step
+            while consumed:
+                span = self.spans[0]
+                taken = min(consumed, span[1])
+                span[1] -= taken
+                span[2] += taken
+                consumed -= taken
+                if not span[1]:
+                    self.spans.popleft()
+            batches.append((rows, self.spans[0][0], self.spans[0][2]))
+        return batches
+
+    def rest(self) -> list:
+        """Nothing: the incomplete tail of the stream is never emitted."""
+        return []
+
+
+def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> Iterator[list[int]]:
+    """Chunks of ``seq_len + 1`` tokens of ``doc_0 + [eos] + doc_1 + [eos] + ...`` for next-token
+    prediction, as :class:`TokenPacker` cuts them. Lazy: reads only as many documents as the
+    chunks it yields need."""
+    packer = TokenPacker(1, seq_len)
+    for index, doc in enumerate(docs):
+        for rows, _, _ in packer.add(index, [*doc, eos_id]):
+            yield rows[0]

@@ -21,6 +21,7 @@ from data_pipelines.mixer import PretrainMixer
 from data_pipelines.processors import (
     ImageProcessor,
     ImageTextProcessor,
+    LMProcessor,
     RetrievalProcessor,
     TextProcessor,
     VQAProcessor,
@@ -198,6 +199,33 @@ def test_resumed_loader_continues_with_the_same_batches(tmp_path, tokenizer, wor
 
     with pytest.raises(ValueError, match="same number of workers"):
         StreamLoader(first.stream, num_workers=3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lm_stream_packs_documents_and_resumes_mid_document(tmp_path, tokenizer, workers):
+    with ShardSink(tmp_path / "docs", "text", maxcount=4) as sink:
+        for i in range(12):
+            length = 30 if i == 7 else 1 + i % 5  # doc7 alone fills several batches
+            sink.write(f"doc{i}", {"txt": " ".join(caption(i + k) for k in range(length))})
+
+    def loader():
+        return StreamLoader(ShardStream(tmp_path / "docs", LMProcessor(tokenizer, seq_len=6), batch_size=2,
+                                        epoch_batches=5, shuffle_buffer=4, seed=3), num_workers=workers)
+
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    assert all(b.ids_BT.shape == (2, 7) and len(b) == 2 for b in head)
+    assert all(torch.equal(b.ids_BT[0, -1], b.ids_BT[1, 0]) for b in head)  # consecutive rows share a token
+    assert any(b.position[-1] > 0 for b in head)  # some batch ended inside a document
+    state = first.state_dict()
+    expected = [next(it) for _ in range(7)]  # crosses into the next epoch
+    epochs = Counter((b.position[0], b.position[1]) for b in head + expected)
+    assert all(n == 5 for (_, epoch), n in epochs.items() if epoch == 0)  # long documents never add batches
+    resumed = loader()
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert all(torch.equal(next(it).ids_BT, e.ids_BT) for e in expected)
 
 
 def png_declaring(width: int, height: int) -> bytes:

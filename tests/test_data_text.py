@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 
 from data_pipelines.skips import SkipSample
-from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, mask_tokens, pack_documents
+from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens, pack_documents
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 
 CORPUS = [line.strip() for text in topics.values() for line in text.splitlines() if line.strip()][:600]
@@ -397,3 +397,17 @@ def test_pack_with_tokenized_text(beit3):
 def test_pack_rejects_zero_seq_len():
     with pytest.raises(ValueError, match="seq_len >= 1"):
         list(pack_documents([[5]], 0, eos_id=2))
+
+
+@pytest.mark.parametrize("batch_size,seq_len", [(1, 4), (3, 5), (2, 50)])
+def test_packer_batches_are_consecutive_chunks_and_resume_exactly(batch_size, seq_len):
+    docs = [[*range(100 * d, 100 * d + n), 2] for d, n in enumerate([3, 17, 1, 40, 9, 0, 64, 5, 22, 11])]
+    chunks = list(pack_documents([d[:-1] for d in docs], seq_len, eos_id=2))
+    packer = TokenPacker(batch_size, seq_len)
+    batches = [b for i, d in enumerate(docs) for b in packer.add(i, d)]
+    expected = [chunks[i:i + batch_size] for i in range(0, len(chunks) - batch_size + 1, batch_size)]
+    assert [rows for rows, _, _ in batches] == expected
+    for j, (_, index, offset) in enumerate(batches):  # a packer started where batch j left off continues
+        resumed = TokenPacker(batch_size, seq_len, skip=offset)
+        rest = [rows for i, d in enumerate(docs[index:], start=index) for rows, _, _ in resumed.add(i, d)]
+        assert rest == [rows for rows, _, _ in batches[j + 1:]]
