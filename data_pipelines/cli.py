@@ -3,6 +3,7 @@
     mmoe data write-shards KIND INPUT... --out DIR [--image-root DIR] [--maxcount N] [--overwrite]
     mmoe data inspect SHARDS... [--examples N]
     mmoe data train-tokenizer INPUT... --out FILE --vocab-size N [--model-type bpe|unigram]
+    mmoe data train-visual-codebook SHARDS... --out FILE --patch-size P --image-size S [--codes K]
     mmoe data build-demo [--out DIR] [--overwrite]
 
 Every command shows progress on long work and refuses to overwrite output unless asked.
@@ -14,17 +15,15 @@ import argparse
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .images import decode_image
-from .processors import decode_json
 from .shards import IMAGE_FIELDS, KINDS, ShardSink, read_manifest, shard_urls
-from .skips import SkipCounter, SkipSample, decode_text
+from .skips import SkipCounter, SkipSample, decode_json, decode_text
 from .sources import SOURCES
-from .streams import tar_samples
+from .streams import shard_texts, tar_samples
 
 
 def cmd_write_shards(args: argparse.Namespace) -> int:
@@ -87,28 +86,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def shard_texts(inputs: list[str]) -> Iterator[str]:
-    """The text of shard directories / tars / brace patterns (``txt`` fields, JSON captions and
-    questions; undecodable ones skipped) or of plain text files."""
-    skips = SkipCounter()
-    for item in inputs:
-        path = Path(item)
-        if not (path.is_dir() or path.suffix == ".tar" or "{" in item):
-            yield path.read_text(encoding="utf-8")
-            continue
-        for sample in tar_samples(shard_urls(item), skips):
-            try:
-                if "txt" in sample:
-                    yield decode_text(sample["txt"])
-                if "json" in sample:
-                    record = decode_json(sample["json"])
-                    yield from record.get("captions", [])
-                    if "question" in record:
-                        yield record["question"]
-            except SkipSample as skip:
-                skips.add(skip)
-
-
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
@@ -119,10 +96,25 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build_demo(args: argparse.Namespace) -> int:
-    from .recipes.build_demo import build_demo
+def cmd_train_visual_codebook(args: argparse.Namespace) -> int:
+    from .visual_targets import codebook_from_shards
 
-    counts = build_demo(args.out, overwrite=args.overwrite)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    codebook = codebook_from_shards(args.shards, image_size=args.image_size, patch_size=args.patch_size,
+                                    codes=args.codes, patches=args.patches, iterations=args.iterations,
+                                    seed=args.seed, workers=args.workers)
+    codebook.save(out)
+    print(f"wrote {out}: {args.codes} codes of {args.patch_size}x{args.patch_size} patches from {args.patches} "
+          f"patches of {args.shards}")
+    return 0
+
+
+def cmd_build_demo(args: argparse.Namespace) -> int:
+    from .recipes.build_demo import build_demo, build_derived
+
+    counts = (build_derived if args.derived_only else build_demo)(args.out, overwrite=args.overwrite)
     print(json.dumps(counts, indent=1))
     return 0
 
@@ -160,7 +152,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(run=cmd_train_tokenizer)
 
+    c = cmds.add_parser("train-visual-codebook", help="k-means codebook of normalised image patches, the default "
+                                                      "masked-image-modeling target")
+    c.add_argument("shards", nargs="+", help="image or image-text shard directories, tars or brace patterns")
+    c.add_argument("--out", required=True, help="the .safetensors file to write")
+    c.add_argument("--codes", type=int, default=1024)
+    c.add_argument("--patch-size", type=int, required=True, help="the model's patch size")
+    c.add_argument("--image-size", type=int, required=True, help="the model's image size")
+    c.add_argument("--patches", type=int, default=100_000, help="patches to learn from")
+    c.add_argument("--iterations", type=int, default=10)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(run=cmd_train_visual_codebook)
+
     b = cmds.add_parser("build-demo", help="rebuild the bundled tiny dataset (needs the packages DATA.md lists)")
     b.add_argument("--out", default=str(Path(__file__).parent / "bundled"))
     b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--derived-only", action="store_true",
+                   help="only the tokenizer and visual codebook, learned from the shards already there")
     b.set_defaults(run=cmd_build_demo)

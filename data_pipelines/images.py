@@ -28,21 +28,23 @@ BEiT and BEiT-3 normalise with mean = std = (0.5, 0.5, 0.5) (:data:`BEIT3_MEAN`,
 :data:`BEIT3_STD`, i.e. pixels in [-1, 1]); BEiT v2 pretraining uses the ImageNet statistics
 (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`).
 
-Randomness: the random transforms draw from torch's global RNG, the way torchvision does;
-``data_pipelines.processors`` seeds it per sample, so augmentation is reproducible.
+Randomness: ``pixels(image, rng)`` draws from a ``random.Random`` (the loaders pass one seeded
+per sample); without one it seeds one from torch's global RNG, so ``torch.manual_seed``
+reproduces a call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import random
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as VF
 
@@ -58,6 +60,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _BICUBIC = v2.InterpolationMode.BICUBIC
 _RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect range for random resized crops
+_LOG_RATIO = (math.log(_RATIO[0]), math.log(_RATIO[1]))
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -123,7 +126,9 @@ class ImageTransform:
         _check_common(size, mean, std)
         self.size, self.mean, self.std = size, list(mean), list(std)
 
-    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    def pixels(self, image: Image.Image | torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
+        """The geometry of one image; random transforms draw from ``rng`` (default: one seeded
+        from torch's global RNG, so ``torch.manual_seed`` reproduces a call)."""
         raise NotImplementedError
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -139,8 +144,12 @@ def _as_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
 
 
 class RandomCropTransform(ImageTransform):
-    """Optional colour jitter, random resized crop (bicubic; torchvision's parameter sampling,
-    from torch's RNG) and horizontal flip."""
+    """Optional colour jitter, random resized crop (bicubic) and horizontal flip.
+
+    The crop is drawn as torchvision's ``RandomResizedCrop`` draws it (:meth:`sample_crop`), but
+    from a ``random.Random``: a per-sample seed then costs nothing, where seeding and restoring
+    torch's global RNG and torchvision's tensor-valued scalar draws cost more than the resample.
+    """
 
     def __init__(self, size: int, *, scale: tuple[float, float], hflip: float, color_jitter: float = 0.0,
                  mean: Sequence[float], std: Sequence[float]):
@@ -153,15 +162,54 @@ class RandomCropTransform(ImageTransform):
         self.scale, self.hflip = scale, hflip
         self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
 
-    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    def sample_crop(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, h, w): up to 10 draws of an area share in ``scale`` and a log-uniform
+        aspect ratio in [3/4, 4/3] until the box fits; else the largest centred box whose aspect
+        ratio is within those bounds (torchvision's rule)."""
+        area = height * width
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*_LOG_RATIO))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        if width / height < _RATIO[0]:
+            w, h = width, round(width / _RATIO[0])
+        elif width / height > _RATIO[1]:
+            w, h = round(height * _RATIO[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def pixels(self, image: Image.Image | torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or _rng_from_torch()
         if self.jitter is not None:
-            image = self.jitter(image)
-        top, left, height, width = v1.RandomResizedCrop.get_params(image, self.scale, _RATIO)
-        image = VF.resized_crop(image, top, left, height, width, [self.size, self.size], interpolation=_BICUBIC,
+            with _torch_seeded(rng.getrandbits(63)):  # torchvision's jitter draws from torch's RNG
+                image = self.jitter(image)
+        height, width = VF.get_size(image)
+        top, left, h, w = self.sample_crop(height, width, rng)
+        image = VF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=_BICUBIC,
                                 antialias=True)
-        if torch.rand(1).item() < self.hflip:
+        if rng.random() < self.hflip:
             image = VF.horizontal_flip(image)
         return _as_tensor(image)
+
+
+def _rng_from_torch() -> random.Random:
+    return random.Random(int(torch.randint(0, 2**62, ()).item()))
+
+
+@contextlib.contextmanager
+def _torch_seeded(seed: int):
+    """Torch's global CPU RNG under ``seed``, restored afterwards. (The generator's own methods:
+    torch.manual_seed and fork_rng cost about 1 ms per call.)"""
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
 
 class ResizeTransform(ImageTransform):
@@ -175,7 +223,7 @@ class ResizeTransform(ImageTransform):
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.mode, self.crop_pct = mode, crop_pct
 
-    def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+    def pixels(self, image: Image.Image | torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         if self.mode == "squash":
             return _as_tensor(VF.resize(image, [self.size, self.size], interpolation=_BICUBIC, antialias=True))
         image = VF.resize(image, math.floor(self.size / self.crop_pct), interpolation=_BICUBIC, antialias=True)

@@ -9,9 +9,7 @@ derives from the seed it is given, so a sample's result never depends on what ca
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import random
 from collections.abc import Callable, Sequence
 
@@ -22,43 +20,18 @@ from .batches import ImageBatch, ImageTextBatch, LMBatch, RetrievalBatch, TextBa
 from .images import ImageTransform, decode_image
 from .masking import BlockMaskGenerator
 from .shards import IMAGE_FIELDS
-from .skips import SkipSample, decode_text
+from .skips import SkipSample, decode_json, decode_text
 from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens
 from .tokenizer import Tokenizer
 
 __all__ = ["ImageProcessor", "ImageTextProcessor", "LMProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
-           "decode_json", "vqa_soft_score"]
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Run torchvision's random transforms (which draw from torch's global CPU RNG) under
-    ``seed`` without disturbing the caller's RNG. (The generator's own methods: torch.manual_seed
-    and fork_rng cost about 1 ms per call, more than decoding and augmenting a small image.)"""
-    rng = torch.default_generator
-    saved = rng.get_state()
-    rng.manual_seed(seed)
-    try:
-        yield
-    finally:
-        rng.set_state(saved)
-
+           "vqa_soft_score"]
 
 def _field(sample: dict, *names: str) -> bytes:
     for name in names:
         if name in sample:
             return sample[name]
     raise SkipSample("missing_field", f"needs {' or '.join(names)}, has {sorted(k for k in sample if k[0] != '_')}")
-
-
-def decode_json(data: bytes, *required: str) -> dict:
-    try:
-        record = json.loads(decode_text(data))
-    except json.JSONDecodeError as e:
-        raise SkipSample("bad_json", str(e)) from None
-    missing = [k for k in required if not isinstance(record, dict) or k not in record]
-    if missing:
-        raise SkipSample("bad_json", f"missing {missing}")
-    return record
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +54,7 @@ class ImageProcessor:
 
     def image(self, sample: dict, seed: int) -> tuple[torch.Tensor, np.ndarray | None]:
         image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
-        with _seeded(seed):
-            x_3HW = self.transform.pixels(image)
+        x_3HW = self.transform.pixels(image, random.Random(seed))
         mask_P = None if self.mask is None else self.mask(np.random.default_rng(seed)).reshape(-1)
         return x_3HW, mask_P
 

@@ -9,10 +9,11 @@ report them in its metrics without shared state between DataLoader workers.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 
-__all__ = ["REASONS", "SkipCounter", "SkipSample", "decode_text"]
+__all__ = ["REASONS", "SkipCounter", "SkipSample", "decode_json", "decode_text"]
 
 REASONS = {
     "truncated_tar": "a shard ended inside a member (or is not a tar at all); later samples of it are lost",
@@ -45,6 +46,18 @@ def decode_text(data: bytes | bytearray) -> str:
         return bytes(data).decode("utf-8")
     except UnicodeDecodeError as e:
         raise SkipSample("bad_utf8", f"{e.reason} at byte {e.start}") from None
+
+
+def decode_json(data: bytes, *required: str) -> dict:
+    """A JSON object holding ``required`` keys, or :class:`SkipSample` ``bad_utf8`` / ``bad_json``."""
+    try:
+        record = json.loads(decode_text(data))
+    except json.JSONDecodeError as e:
+        raise SkipSample("bad_json", str(e)) from None
+    missing = [k for k in required if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise SkipSample("bad_json", f"missing {missing}")
+    return record
 
 
 class SkipCounter:

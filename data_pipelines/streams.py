@@ -32,6 +32,7 @@ import dataclasses
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,9 +41,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from .shards import shard_urls
-from .skips import SkipCounter, SkipSample
+from .skips import SkipCounter, SkipSample, decode_json, decode_text
 
-__all__ = ["Processor", "ShardStream", "StreamLoader", "derive_seed", "dist_rank_world", "tar_samples"]
+__all__ = ["Processor", "ShardStream", "StreamLoader", "derive_seed", "dist_rank_world", "shard_texts",
+           "tar_samples"]
 
 
 class Processor(Protocol):
@@ -247,6 +249,28 @@ def tar_samples(urls: Iterable[str], skips: SkipCounter) -> Iterator[dict]:
 
     opened = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
     return tariterators.group_by_keys(tariterators.tar_file_expander(opened, handler=handler), handler=handler)
+
+
+def shard_texts(inputs: list[str]) -> Iterator[str]:
+    """The text of shard directories / tars / brace patterns (``txt`` fields, JSON captions and
+    questions; undecodable ones skipped) or of plain text files."""
+    skips = SkipCounter()
+    for item in inputs:
+        path = Path(item)
+        if not (path.is_dir() or path.suffix == ".tar" or "{" in item):
+            yield path.read_text(encoding="utf-8")
+            continue
+        for sample in tar_samples(shard_urls(item), skips):
+            try:
+                if "txt" in sample:
+                    yield decode_text(sample["txt"])
+                if "json" in sample:
+                    record = decode_json(sample["json"])
+                    yield from record.get("captions", [])
+                    if "question" in record:
+                        yield record["question"]
+            except SkipSample as skip:
+                skips.add(skip)
 
 
 def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:

@@ -213,6 +213,9 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_
             f.write(proto.getvalue())
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"{out_path} appeared while training; pass overwrite=True to replace it")
         os.replace(tmp, out_path)

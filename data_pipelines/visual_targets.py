@@ -22,8 +22,10 @@ channel) as in MAE's ``patchify``. Targets never carry gradients.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -35,11 +37,12 @@ from safetensors.torch import load_file, save_file
 from timm.layers import PatchEmbed
 from timm.models.beit import Block as BeitBlock
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from .images import BEIT3_MEAN, BEIT3_STD
+from .images import BEIT3_MEAN, BEIT3_STD, pretrain_transform
 
 __all__ = ["KMeansCodebook", "PixelTargets", "VQKDTokenizer", "VisualTargets", "build_visual_targets",
-           "normalize_patches", "patchify", "train_kmeans_codebook"]
+           "codebook_from_shards", "normalize_patches", "patchify", "train_kmeans_codebook"]
 
 log = logging.getLogger("data_pipelines")
 
@@ -136,18 +139,25 @@ class KMeansCodebook(VisualTargets):
         return _nearest_code(normalize_patches(patches_NC.float()), self.codebook)[0]
 
     def save(self, path: str | Path) -> None:
-        """A safetensors file: tensor ``codebook``; metadata ``patch_size`` and ``kind``."""
-        save_file({"codebook": self.codebook.contiguous()}, str(path),
-                  metadata={"kind": "kmeans_codebook", "patch_size": str(self.patch_size)})
+        """A safetensors file: tensor ``codebook``, metadata ``kmeans_codebook_patch_size`` (one
+        key: safetensors writes several in no fixed order, and the same codebook should give the
+        same bytes). Written under a temporary name and renamed into place."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"codebook": self.codebook.contiguous()}, str(tmp), metadata={_CODEBOOK_KEY: str(self.patch_size)})
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansCodebook:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            if metadata.get("kind") != "kmeans_codebook" or "codebook" not in f.keys():
+            if _CODEBOOK_KEY not in metadata or "codebook" not in f.keys():
                 raise ValueError(f"{path} is not a k-means codebook file (metadata {metadata}, tensors "
-                                 f"{list(f.keys())}); expected kind=kmeans_codebook and a 'codebook' tensor")
-            return cls(f.get_tensor("codebook"), int(metadata["patch_size"]))
+                                 f"{list(f.keys())}); expected metadata {_CODEBOOK_KEY} and a 'codebook' tensor")
+            return cls(f.get_tensor("codebook"), int(metadata[_CODEBOOK_KEY]))
+
+
+_CODEBOOK_KEY = "kmeans_codebook_patch_size"
 
 
 def _nearest_code(x_NC: Tensor, codebook_KC: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,6 +226,25 @@ def train_kmeans_codebook(data: Tensor | Iterable[Tensor], num_codes: int, *, pa
             # Points a centroid explains worst are where a new cluster helps most.
             codebook_KC[empty] = x_NC[dist_N.topk(len(empty)).indices]
     return KMeansCodebook(codebook_KC, patch_size)
+
+
+def codebook_from_shards(shards: Sequence, *, image_size: int, patch_size: int, codes: int = 1024,
+                         patches: int = 100_000, iterations: int = 10, seed: int = 0, workers: int = 0,
+                         progress: bool = True) -> KMeansCodebook:
+    """:func:`train_kmeans_codebook` on ``patches`` patches of pretraining-style random crops
+    (``pretrain_transform(image_size)``) of the images in ``shards`` (image or image-text shards),
+    read by a seeded resampled stream: the same shards and seed give the same codebook."""
+    from .processors import ImageProcessor
+    from .streams import ShardStream, StreamLoader
+
+    batch = 64
+    stream = ShardStream(shards, ImageProcessor(pretrain_transform(image_size)), batch_size=batch, seed=seed)
+    per_batch = batch * (image_size // patch_size) ** 2
+    batches = itertools.islice(StreamLoader(stream, num_workers=workers), -(-patches // per_batch))
+    images = (b.images_B3HW for b in tqdm(batches, desc="collect patches", unit="batch", disable=not progress,
+                                          file=sys.stderr))
+    return train_kmeans_codebook(images, codes, patch_size=patch_size, iterations=iterations, seed=seed,
+                                 max_patches=patches)
 
 
 def _kmeans_plus_plus(x_NC: Tensor, num_codes: int, generator: torch.Generator) -> Tensor:

@@ -15,9 +15,13 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from data_pipelines.images import eval_transform
 from data_pipelines.shards import IMAGE_FIELDS, KINDS
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.visual_targets import KMeansCodebook
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data_pipelines" / "bundled"
 SPLITS = ("train", "val")
@@ -135,3 +139,20 @@ def test_no_evaluation_image_is_in_any_train_split():
 def test_total_size_stays_small():
     total = sum(path.stat().st_size for path in BUNDLED.rglob("*") if path.is_file())
     assert total < MAX_BYTES, f"bundled data is {total:,} bytes; the budget is {MAX_BYTES:,}"
+
+
+def test_tokenizer_covers_the_bundled_text_in_beit3_layout():
+    tokenizer = Tokenizer.load(BUNDLED / "tokenizer.model")
+    assert (tokenizer.layout, tokenizer.vocab_size, tokenizer.mask_id) == ("beit3", 4096, 4)
+    for sample in list(samples("image_text", "val").values())[:50]:
+        ids = tokenizer.encode(sample["txt"].decode())
+        assert ids and tokenizer.unk_id not in ids
+
+
+def test_visual_codebook_fits_the_debug_preset():
+    codebook = KMeansCodebook.load(BUNDLED / "visual_codebook.safetensors")
+    assert codebook.num_classes == 1024 and codebook.patch_size == 8
+    assert torch.isfinite(codebook.codebook).all() and len(torch.unique(codebook.codebook, dim=0)) == 1024
+    image = Image.open(io.BytesIO(image_bytes(next(iter(samples("image_text", "val").values())))))
+    codes = codebook(eval_transform(32)(image)[None])
+    assert codes.shape == (1, 16) and len(codes.unique()) > 1  # different patches, different codes

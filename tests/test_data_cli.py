@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -93,3 +94,19 @@ def test_train_tokenizer_from_shards(files, tmp_path):
     tok = Tokenizer.load(model)
     assert tok.layout == "beit3" and tok.vocab_size == 80
     assert main(["data", "train-tokenizer", str(tmp_path / "t"), "--out", str(model), "--vocab-size", "80"]) == 2
+
+
+def test_train_visual_codebook_from_image_shards(files, tmp_path, capsys):
+    from data_pipelines.visual_targets import build_visual_targets
+
+    shards, out = files / "out" / "image", tmp_path / "codes.safetensors"
+    assert main(["data", "write-shards", "image", str(files / "imgs"), "--out", str(shards)]) == 0
+    args = ["data", "train-visual-codebook", str(shards), "--out", str(out), "--patch-size", "4",
+            "--image-size", "8", "--codes", "6", "--patches", "200"]
+    assert main(args) == 0
+    targets = build_visual_targets("kmeans", path=out)
+    assert targets.num_classes == 6 and targets.patch_size == 4
+    codes = targets(torch.randn(2, 3, 8, 8))
+    assert codes.shape == (2, 4) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 6
+    capsys.readouterr()
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err

@@ -44,6 +44,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, features
 from tqdm import tqdm
 
 from data_pipelines.shards import KINDS, ShardSink, safe_key
+from data_pipelines.streams import shard_texts
+from data_pipelines.tokenizer import train_tokenizer
+from data_pipelines.visual_targets import codebook_from_shards
 
 BUNDLED = Path(__file__).resolve().parents[1] / "bundled"
 SPLITS = ("train", "val")
@@ -59,6 +62,10 @@ EMOJI_SIZE, EMOJI_COLORS = 48, 64  # 64-colour palette PNG: visually lossless, h
 DIGIT_SIZE = 32
 PHOTO_CROPS, PHOTO_CROP_SIZE, PHOTO_FULL_SIZE, PHOTO_VAL = 11, 64, 96, 2
 TEXT_CHUNK_CHARS = 2000
+# Learned from the train splits only, sized for the debug presets (configs/*/debug.yaml):
+TOKENIZER, TOKENIZER_VOCAB = "tokenizer.model", 4096
+CODEBOOK, CODEBOOK_CODES, CODEBOOK_IMAGE, CODEBOOK_PATCH, CODEBOOK_PATCHES = (
+    "visual_codebook.safetensors", 1024, 32, 8, 100_000)
 TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark", "1F3FF": "dark"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # skimage.data loaders whose docstring releases the image into the public domain or under CC0;
@@ -472,6 +479,7 @@ def build_demo(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progre
                     written += 1
             counts.setdefault(kind, {})[split] = written
     copy_licenses(out_dir)
+    build_derived(out_dir, overwrite=overwrite, progress=progress)
     info = {"counts": counts, "versions": versions(), "val_fraction": VAL_FRACTION,
             "keep": {f"{k}/{s}": f for (k, s), f in sorted(KEEP.items())},
             "dropped_duplicate_images": duplicates}
@@ -479,14 +487,35 @@ def build_demo(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progre
     return counts
 
 
+def build_derived(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """From the train shards in ``out_dir`` (needs no build dependency): the sentencepiece
+    tokenizer (BEiT-3 id layout) and the k-means visual codebook the debug presets use. Both are
+    deterministic, so a rebuild gives the same files."""
+    out_dir = Path(out_dir)
+    paths = {"tokenizer": out_dir / TOKENIZER, "visual_codebook": out_dir / CODEBOOK}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite)")
+    texts = shard_texts([str(out_dir / kind / "train") for kind in ("text", "image_text", "vqa", "retrieval")])
+    train_tokenizer(texts, paths["tokenizer"], vocab_size=TOKENIZER_VOCAB, overwrite=overwrite)
+    codebook = codebook_from_shards([out_dir / "image" / "train", out_dir / "image_text" / "train"],
+                                    image_size=CODEBOOK_IMAGE, patch_size=CODEBOOK_PATCH, codes=CODEBOOK_CODES,
+                                    patches=CODEBOOK_PATCHES, progress=progress)
+    codebook.save(paths["visual_codebook"])
+    return {name: str(path) for name, path in paths.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the bundled demo shards from offline real data.")
     parser.add_argument("--out", type=Path, default=BUNDLED, help=f"output directory (default {BUNDLED})")
     parser.add_argument("--overwrite", action="store_true", help="replace shards that already exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--derived-only", action="store_true",
+                        help="only the tokenizer and visual codebook, from the shards already there")
     args = parser.parse_args(argv)
+    build = build_derived if args.derived_only else build_demo
     try:
-        counts = build_demo(args.out, overwrite=args.overwrite, progress=not args.quiet)
+        counts = build(args.out, overwrite=args.overwrite, progress=not args.quiet)
     except (OSError, ImportError, RuntimeError) as err:  # a missing package or existing output: say which
         parser.exit(2, f"build_demo: error: {err}\n")
     print(json.dumps(counts, indent=1))
