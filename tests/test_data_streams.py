@@ -28,6 +28,7 @@ from data_pipelines.processors import (
     vqa_soft_score,
 )
 from data_pipelines.shards import ShardSink, read_manifest, safe_key
+from data_pipelines.skips import SkipCounter, SkipSample
 from data_pipelines.streams import ShardStream, StreamLoader
 from data_pipelines.tokenizer import train_tokenizer
 
@@ -300,3 +301,30 @@ def test_mixer_holds_its_ratios_and_resumes(tmp_path, tokenizer):
         assert all(a.batches()[k].keys == b.batches()[k].keys for k in a.batches())
     with pytest.raises(ValueError, match="ratios given for absent"):
         PretrainMixer({"image": m.loaders["image"]}, ratios={"text": 1})
+
+
+def test_resampling_weights_shard_sets(tmp_path, tokenizer):
+    for name in ("a", "b"):
+        with ShardSink(tmp_path / name, "image", maxcount=3) as sink:
+            for i in range(6):
+                sink.write(f"{name}{i}", {"png": png(i)})
+    stream = ShardStream([tmp_path / "a", tmp_path / "b"], ImageProcessor(eval_transform(8)), batch_size=10,
+                         weights=[3, 1], shuffle_buffer=0, epoch_batches=100)
+    it = iter(StreamLoader(stream))
+    keys = [k for _ in range(60) for k in next(it).keys]
+    assert 0.70 < sum(k.startswith("a") for k in keys) / len(keys) < 0.80  # 3:1
+    with pytest.raises(ValueError, match="one per shard set"):
+        ShardStream([tmp_path / "a", tmp_path / "b"], ImageProcessor(eval_transform(8)), batch_size=2, weights=[1])
+
+
+def test_skips_are_logged_at_a_rate_limit(caplog):
+    counter = SkipCounter(log_every=4)
+    with caplog.at_level("WARNING", logger="data_pipelines"):
+        for _ in range(9):
+            counter.add(SkipSample("corrupt_image", "bad bytes"))
+        counter.add(SkipSample("bad_utf8"))
+    assert [r.getMessage().split(" for ")[0] for r in caplog.records] == [
+        "skipped sample #1", "skipped sample #4", "skipped sample #8", "skipped sample #1"]
+    assert counter.take_new() == {"corrupt_image": 9, "bad_utf8": 1} and counter.take_new() == {}
+    with pytest.raises(ValueError, match="unknown skip reason"):
+        SkipSample("cosmic_rays")
