@@ -11,7 +11,7 @@ $(BIN)/mmoe: pyproject.toml
 	touch $@
 
 demo: $(BIN)/mmoe
-	$(BIN)/mmoe smoke --config configs/beit3/debug.yaml
+	$(BIN)/mmoe pretrain --run-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(BIN)/mmoe
 	$(BIN)/python -m pytest -q

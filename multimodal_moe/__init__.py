@@ -14,9 +14,12 @@ Public API (stable)::
     model = mm.build_model(cfg)
     out = model(images=x_BCHW, text_ids=ids_BL, text_padding_mask=pad_BL)         # any subset
     out.hidden, out.aux_loss, out.moe_stats
+    model = mm.load_checkpoint("runs/x/checkpoints/latest")                       # eval mode
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -27,7 +30,7 @@ from .layers.ffn import FFNConfig, FFNOutput
 from .models import ModelConfig, ModelOutput
 
 __all__ = ["Config", "ConfigError", "FFNConfig", "FFNOutput", "ModelConfig", "ModelOutput", "build_model",
-           "dump_config", "list_presets", "load_config"]
+           "dump_config", "list_presets", "load_checkpoint", "load_config"]
 
 __version__ = "0.1.0"
 
@@ -41,3 +44,19 @@ def build_model(cfg: Config | ModelConfig, *, seed: int | None = None) -> nn.Mod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return model_cfg.build()
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The backbone saved in a checkpoint (a ``step_*`` dir, ``checkpoints/latest`` or a run
+    dir), built from the config saved with it, in eval mode; ``model.cfg`` is its model config.
+
+    Raises:
+        multimodal_moe.training.CheckpointError: the path is not a checkpoint, or a file of it
+            is missing or unreadable.
+    """
+    from .training.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(path)
+    model = build_model(checkpoint.config)
+    checkpoint.load_model_into(model)
+    return model.to(device).eval()

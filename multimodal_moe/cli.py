@@ -1,5 +1,7 @@
 """The ``mmoe`` command line.
 
+    mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume]   train a task
+    mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
     mmoe bench moe [...]                          FFN family speed at equal active FLOPs, JSON
@@ -12,6 +14,8 @@ import argparse
 import json
 import math
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +25,7 @@ from .configurable import ConfigError
 from .smoke import run_smoke
 
 DEFAULT_PRESET = "configs/beit3/debug.yaml"
+DEFAULT_PRETRAIN_PRESET = "configs/pretrain/debug.yaml"
 
 
 def _preset_summary(name: str) -> str:
@@ -69,6 +74,39 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .training import CheckpointError, TrainingDiverged, train
+
+    cfg = load_config(args.config, args.set)
+    if args.run_dir is None:
+        if args.resume:
+            print("mmoe: error: --resume needs the --run-dir of the run to continue", file=sys.stderr)
+            return 2
+        args.run_dir = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"pretrain {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {args.run_dir}", file=sys.stderr)
+    try:
+        result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    except (CheckpointError, TrainingDiverged) as e:
+        print(f"mmoe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nmmoe: interrupted; continue with: mmoe pretrain --config {args.config} --run-dir {args.run_dir} "
+              f"--resume", file=sys.stderr)
+        return 130
+    first, last = result.records[0], result.records[-1]
+    print(f"done: {result.step} steps, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
+          f"(step {last['step']}); checkpoint {Path(args.run_dir) / 'checkpoints' / 'latest'}; "
+          f"plots: mmoe inspect {args.run_dir}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_run
+
+    print(inspect_run(args.run_dir, plots=not args.no_plots))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_moe_main
 
@@ -78,6 +116,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe", description="Multiway Transformers with Mixture-of-Experts FFNs.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    pretrain = sub.add_parser("pretrain", help="train a preset's task (default: masked data modeling of a small "
+                                               "MoE Multiway encoder on the bundled data)")
+    pretrain.add_argument("--config", default=DEFAULT_PRETRAIN_PRESET,
+                          help=f"preset file or name (default: {DEFAULT_PRETRAIN_PRESET})")
+    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value, e.g. --set train.steps=50 (repeatable)")
+    pretrain.add_argument("--run-dir", default=None, help="output folder (default: runs/<preset>-<time>)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest "
+                                                                "checkpoint")
+    pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pretrain.set_defaults(run=cmd_pretrain)
+
+    inspect = sub.add_parser("inspect", help="summarise a run: table of losses and expert load, PNG plots")
+    inspect.add_argument("run_dir")
+    inspect.add_argument("--no-plots", action="store_true", help="only print the summary")
+    inspect.set_defaults(run=cmd_inspect)
 
     presets = sub.add_parser("presets", help="list the bundled presets")
     presets.set_defaults(run=cmd_presets)

@@ -12,14 +12,86 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .configurable import ConfigError, Configurable, config, parse, to_dict
 from .models import ModelConfig
+from .tasks import TaskConfig, default_task
 
-__all__ = ["Config", "dump_config", "list_presets", "load_config", "preset_dir", "resolve_preset"]
+__all__ = ["Config", "TrainConfig", "dump_config", "list_presets", "load_config", "preset_dir", "resolve_preset"]
+
+
+@config
+class TrainConfig(Configurable):
+    """How a task is trained.
+
+    Attributes:
+        steps: optimizer updates.
+        lr: peak learning rate (reached after warmup, then cosine decay to ``min_lr``).
+        min_lr: final learning rate.
+        warmup_steps: linear warmup from 0.
+        weight_decay: AdamW decay (not applied to biases, norms, positions, CLS/mask tokens).
+        betas / eps: AdamW (BEiT-3: 0.9, 0.98 and 1e-6).
+        layer_decay: layer-wise lr decay factor (lr x decay^(layers above)); null disables it.
+        grad_accum: micro-batches per update.
+        clip_grad: clip the global gradient norm to this; null disables clipping.
+        precision: auto (bf16 autocast on a GPU that supports it, fp32 otherwise) | fp32 | bf16.
+        ema_decay: keep an exponential moving average of the weights (timm ModelEmaV3); 0 disables it.
+        compile: wrap the task in ``torch.compile``.
+        device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N ...
+        num_workers: data loader worker processes per stream.
+        log_every: steps between lines of ``metrics.jsonl`` (values are averaged over them).
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        keep_checkpoints: how many checkpoints to keep (oldest deleted first).
+        max_bad_steps: stop after this many consecutive steps with a non-finite loss or gradient.
+        tensorboard: also write TensorBoard scalars to ``<run-dir>/tensorboard``.
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    betas: tuple[float, ...] = (0.9, 0.98)
+    eps: float = 1e-6
+    layer_decay: float | None = None
+    grad_accum: int = 1
+    clip_grad: float | None = 3.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    ema_decay: float = 0.0
+    compile: bool = False
+    device: str = "auto"
+    num_workers: int = 2
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    tensorboard: bool = False
+
+    def check(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < float("inf") or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("min_lr" if self.lr > 0 else "lr",
+                              f"need 0 < lr and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError("warmup_steps", f"{self.warmup_steps} leaves no step of the {self.steps} after warmup")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ConfigError("eps" if self.eps <= 0 else "weight_decay", "eps must be > 0 and weight_decay >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError("clip_grad", f"must be positive or null, got {self.clip_grad}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @config
@@ -28,11 +100,23 @@ class Config(Configurable):
 
     Attributes:
         model: the model to build (``kind``: multiway_encoder | decoder_lm).
+        task: what ``mmoe pretrain`` trains it on (``kind``: mmm | lm); :func:`load_config`
+            fills in the model's default task on the bundled data when a preset names none.
+        train: optimisation, logging and checkpoints.
         seed: seed for parameter init and everything random in a run.
     """
 
     model: ModelConfig
+    task: TaskConfig | None = None
+    train: TrainConfig = TrainConfig()
     seed: int = 0
+
+    def check(self) -> None:
+        if self.task is not None:
+            try:
+                self.task.check_model(self.model)
+            except ConfigError as e:
+                raise e.under("task") from None
 
 
 def preset_dir() -> Path:
@@ -118,7 +202,11 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         ConfigError: naming the dotted key for an unknown key (with the valid ones), a missing
             key, a wrong type or an invalid value.
     """
-    tree = _merge(_read_tree(resolve_preset(path)), _overrides_tree(overrides))
+    files, overrides = _read_tree(resolve_preset(path)), _overrides_tree(overrides)
+    tree = _merge(files, overrides)
+    if "task" not in files and isinstance(overrides.get("task", {}), dict):  # the default task, task.* on top
+        model = parse(Config, {k: v for k, v in tree.items() if k not in ("task", "train")}).model
+        tree["task"] = _merge(to_dict(default_task(model)), overrides.get("task", {}))
     return parse(Config, tree)
 
 

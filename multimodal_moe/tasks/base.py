@@ -1,0 +1,128 @@
+"""What the trainer trains: a task owns a backbone, its heads, its loss and its data.
+
+A task config (``kind`` selects it, e.g. ``mmm`` or ``lm``) builds a :class:`Task`: an
+``nn.Module`` holding the backbone as ``task.model`` plus whatever heads the loss needs.
+``task(batch)`` returns a :class:`TaskOutput` (the loss to minimise, per-part numbers to log,
+what was processed), and ``task.train_data(...)`` the resumable stream of batches it consumes.
+The trainer knows nothing else about it, so a fine-tuning task plugs into the same loop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..configurable import ConfigError, Registry
+from ..layers.block import BlockStats
+from ..layers.ffn import FFNConfig
+from ..models import ModelConfig
+
+__all__ = ["BUNDLED_PREFIX", "Task", "TaskConfig", "TaskOutput", "TrainData", "check_group_sizes", "data_path",
+           "group_sizes"]
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def data_path(path: str) -> Path:
+    """A data path from a config: ``bundled:<rel>`` names a file of the bundled dataset
+    (``data_pipelines/bundled/<rel>``); anything else is a path as given."""
+    if path.startswith(BUNDLED_PREFIX):
+        import data_pipelines
+
+        return Path(data_pipelines.__file__).resolve().parent / "bundled" / path[len(BUNDLED_PREFIX):]
+    return Path(path)
+
+
+@dataclass
+class TaskOutput:
+    """One forward pass of a task.
+
+    Attributes:
+        loss: the scalar to minimise (auxiliary MoE losses included).
+        parts: detached scalars to log: per-part losses, accuracies, ...
+        samples: examples processed (an image-text pair counts once).
+        tokens: tokens the backbone processed (vision + text, padding excluded).
+        moe_stats: per backbone pass, per layer, the FFN statistics (:class:`BlockStats`).
+    """
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: int = 0
+    tokens: int = 0
+    moe_stats: list[list[BlockStats]] = field(default_factory=list)
+
+
+class TrainData(Protocol):
+    """An endless, resumable stream of a task's batches."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Bad samples skipped so far, per stream and reason."""
+        ...
+
+
+def group_sizes(model: ModelConfig) -> dict[str, int]:
+    """Model config field -> group size of each Mixture-of-Tokens FFN it uses."""
+    return {f.name: ffn.group_size for f in fields(model)
+            if isinstance(ffn := getattr(model, f.name), FFNConfig) and getattr(ffn, "group_size", None)}
+
+
+def check_group_sizes(model: ModelConfig, batch_sizes: dict[str, int]) -> None:
+    """Mixture of Tokens mixes tokens across ``group_size`` examples, so every batch size must be a
+    multiple of it: raise :class:`ConfigError` naming the stream if one is not."""
+    for field_name, group in group_sizes(model).items():
+        for name, size in batch_sizes.items():
+            if size % group:
+                raise ConfigError(f"{name}.batch_size", f"{size} is not a multiple of model.{field_name}.group_size "
+                                                        f"{group} (Mixture of Tokens mixes groups of examples)")
+
+
+class TaskConfig(Registry):
+    """Base of the task family; ``kind`` selects the task."""
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise :class:`~multimodal_moe.configurable.ConfigError` if the task cannot train ``model``."""
+
+    def build(self, model: nn.Module) -> Task:
+        """The task around the backbone ``model`` (heads initialised from the global RNG)."""
+        raise NotImplementedError
+
+
+class Task(nn.Module):
+    """Base class: ``self.model`` is the backbone; subclasses add heads and define
+    :meth:`forward` and :meth:`train_data`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> TaskOutput:
+        raise NotImplementedError
+
+    def train_data(self, *, seed: int, rank: int, world_size: int, num_workers: int) -> TrainData:
+        """This task's training stream for one rank; every random choice derives from ``seed``."""
+        raise NotImplementedError
+
+    # -- hooks for timm's optimizer factory (weight decay exclusions, layer-wise lr decay) --
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay beyond the 1-D ones: positions, CLS and mask tokens."""
+        return {name for name, p in self.named_parameters()
+                if re.search(r"(pos_embed|cls_token|mask_token)$", name)}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for layer-wise lr decay: embeddings first, then one group per block; heads
+        and final norms fall into the last group."""
+        return {"stem": r"^model\.(?:vision_embed|text_embed|tok_embed|pos_embed)",
+                "blocks": r"^model\.layers\.(\d+)"}

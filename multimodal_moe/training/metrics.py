@@ -1,0 +1,161 @@
+"""What goes into ``metrics.jsonl``: task parts averaged over the log interval, and MoE statistics
+aggregated per layer and FFN branch.
+
+A line looks like::
+
+    {"step": 100, "loss": 5.1, "image_mim_loss": 4.9, ..., "lr": 0.00098, "grad_norm": 1.3,
+     "samples_per_s": 610.2, "tokens_per_s": 21044.0, "bad_steps": 0,
+     "skipped_samples": {"image_text": {"corrupt_image": 1}},
+     "moe": {"layer2.vision": {"load": [0.27, 0.24, 0.26, 0.23], "max_load": 1.08,
+                               "dropped_fraction": 0.02, "activation_ratio": 1.0, ...}}}
+
+``load`` is each expert's share of the routed assignments over the interval and ``max_load``
+the busiest expert's share times E (1 = perfectly balanced). Other MoE statistics (dropped
+fraction, activation ratio, router entropy, MoT mixing entropy, ...) are averages weighted by
+the tokens each pass routed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..tasks.base import TaskOutput
+
+__all__ = ["MetricsLog", "StepMeter"]
+
+
+class StepMeter:
+    """Sums of a log interval's values; ``summary()`` averages them. Its state is plain data,
+    saved in checkpoints so an interval cut by a resume logs what it would have."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.samples = 0
+        self.tokens = 0
+        self.moe_load: dict[str, list[float]] = {}
+        self.moe_sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.moe_weight: dict[str, float] = defaultdict(float)
+
+    def add_step(self, loss: float, grad_norm: float, lr: float) -> None:
+        self.steps += 1
+        self.sums["loss"] += loss
+        self.sums["grad_norm"] += grad_norm
+        self.sums["lr"] += lr
+
+    def add_output(self, out: TaskOutput, micro_batches: int) -> None:
+        """One micro-batch's output (its parts count 1/``micro_batches`` of a step)."""
+        for name, value in out.parts.items():
+            self.sums[name] += float(value) / micro_batches
+        self.samples += out.samples
+        self.tokens += out.tokens
+        for layers in out.moe_stats:
+            for layer, branches in enumerate(layers):
+                for branch, stats in branches.items():
+                    self._add_moe(f"layer{layer}.{branch}", stats)
+
+    def _add_moe(self, key: str, stats: dict[str, torch.Tensor]) -> None:
+        weight = float(stats["routed_tokens"]) if "routed_tokens" in stats else 1.0
+        self.moe_weight[key] += weight
+        for name, value in stats.items():
+            if name == "tokens_per_expert":
+                counts = value.tolist()
+                old = self.moe_load.get(key, [0.0] * len(counts))
+                self.moe_load[key] = [a + b for a, b in zip(old, counts)]
+            elif name != "routed_tokens" and value.numel() == 1:
+                self.moe_sums[key][name] += float(value) * weight
+
+    def summary(self) -> dict[str, Any]:
+        steps = max(self.steps, 1)
+        out: dict[str, Any] = {"loss": self.sums["loss"] / steps}
+        out.update({k: v / steps for k, v in self.sums.items() if k != "loss"})
+        moe = {}
+        for key in sorted(self.moe_weight, key=_layer_order):
+            entry: dict[str, Any] = {}
+            if key in self.moe_load:
+                counts = self.moe_load[key]
+                total = sum(counts) or 1.0
+                entry["load"] = [round(c / total, 5) for c in counts]
+                entry["max_load"] = round(max(counts) / total * len(counts), 5)
+            weight = self.moe_weight[key] or 1.0
+            entry.update({name: v / weight for name, v in self.moe_sums[key].items()})
+            moe[key] = entry
+        if moe:
+            out["moe"] = moe
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "steps": self.steps, "samples": self.samples, "tokens": self.tokens,
+                "moe_load": dict(self.moe_load), "moe_sums": {k: dict(v) for k, v in self.moe_sums.items()},
+                "moe_weight": dict(self.moe_weight)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        self.sums.update(state["sums"])
+        self.steps, self.samples, self.tokens = state["steps"], state["samples"], state["tokens"]
+        self.moe_load = {k: list(v) for k, v in state["moe_load"].items()}
+        for key, sums in state["moe_sums"].items():
+            self.moe_sums[key].update(sums)
+        self.moe_weight.update(state["moe_weight"])
+
+
+def _layer_order(key: str) -> tuple[int, str]:
+    layer, _, branch = key.partition(".")
+    return int(layer.removeprefix("layer")), branch
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """``metrics.jsonl``, one object per line, flushed as it is written.
+
+    On resume, :meth:`truncate` drops the lines of steps after the checkpoint (logged before
+    the crash, and about to be logged again) and any torn last line.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def truncate(self, after_step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the crash; nothing valid follows it
+            if record.get("step", 0) > after_step:
+                break
+            kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,229 @@
+"""The training engine: losses fall, a run killed at a random step resumes exactly, checkpoints
+are atomic and refuse what does not fit, non-finite steps are skipped and then stop the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import multimodal_moe as mm
+from multimodal_moe.tasks import MaskedDataModeling
+from multimodal_moe.training import CheckpointError, TrainingDiverged, build_task, train
+from multimodal_moe.training.checkpoint import Checkpoint, save_checkpoint
+
+# Small, fast runs: 8 samples per stream, no loader workers.
+FAST = ["train.num_workers=0", "train.warmup_steps=2", "train.log_every=2", "train.checkpoint_every=4"]
+MMM_FAST = [*FAST, "task.image.batch_size=8", "task.text.batch_size=8", "task.image_text.batch_size=8",
+            "task.text.shuffle_buffer=50", "task.image.shuffle_buffer=50", "task.image_text.shuffle_buffer=50"]
+LM_FAST = [*FAST, "task.text.batch_size=8", "task.text.max_len=64", "task.text.shuffle_buffer=50"]
+TIMING = {"samples_per_s", "tokens_per_s"}
+
+
+def config(preset: str, *overrides: str) -> mm.Config:
+    fast = LM_FAST if preset.startswith("lm/") else MMM_FAST
+    return mm.load_config(preset, [*fast, *overrides])
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", ["beit3/debug", "lm/xmoe_debug"])
+def test_loss_falls_on_the_bundled_data(tmp_path, preset):
+    cfg = config(preset, "train.steps=40", "train.log_every=5", "train.checkpoint_every=40")
+    records = train(cfg, tmp_path, progress=False).records
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first - 0.5, (first, last)
+    parts = {"image_mim_loss", "text_mlm_loss", "image_text_mim_loss", "image_text_mlm_loss"} \
+        if preset.startswith("beit3") else {"lm_loss"}
+    for part in parts:
+        assert records[-1][part] < records[0][part], part
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "bad_steps", "skipped_samples", "aux_loss"):
+        assert key in records[-1]
+    if preset == "lm/xmoe_debug":
+        moe = records[-1]["moe"]
+        assert set(moe) == {"layer1.shared"}
+        assert len(moe["layer1.shared"]["load"]) == 4 and sum(moe["layer1.shared"]["load"]) == pytest.approx(1, 1e-3)
+        assert 0 <= moe["layer1.shared"]["dropped_fraction"] <= 1
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"the run did not reach step {step}")
+
+
+@pytest.mark.parametrize("preset", ["beit3/debug", "lm/xmoe_debug"])
+def test_a_run_killed_at_a_random_step_resumes_exactly(tmp_path, preset):
+    overrides = ["train.steps=24"]
+    cfg = config(preset, *overrides)
+    reference = train(cfg, tmp_path / "reference", progress=False)
+
+    run_dir = tmp_path / "killed"
+    kill_after = random.Random(preset).randrange(6, 20)
+    args = [sys.executable, "-m", "multimodal_moe.cli", "pretrain", "--config", preset, "--run-dir", str(run_dir),
+            "--no-progress", *[f"--set={o}" for o in (*(LM_FAST if preset.startswith("lm/") else MMM_FAST),
+                                                     *overrides)]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    try:
+        wait_for_step(run_dir, kill_after, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = Checkpoint.open(run_dir / "checkpoints").training_state()["step"]
+    assert 4 <= saved < 24
+
+    resumed = train(cfg, run_dir, resume=True, progress=False)
+    assert resumed.step == 24
+    assert comparable(read_records(run_dir)) == comparable(read_records(tmp_path / "reference"))
+    ours = load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+    theirs = load_file(tmp_path / "reference" / "checkpoints" / "latest" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert reference.step == 24
+
+
+def test_checkpoints_are_kept_pruned_and_loadable(tmp_path):
+    cfg = config("beit3/xmoe_debug", "train.steps=12", "train.keep_checkpoints=2")
+    train(cfg, tmp_path, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000008", "step_0000012"]
+    assert os.readlink(ckpts / "latest") == "step_0000012"
+    assert set(os.listdir(ckpts / "latest")) == {"model.safetensors", "heads.safetensors", "state.pt", "config.yaml"}
+
+    model = mm.load_checkpoint(tmp_path)
+    assert not model.training and model.cfg == cfg.model
+    saved = load_file(ckpts / "latest" / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    state = torch.load(ckpts / "latest" / "state.pt", weights_only=True)
+    assert state["step"] == 12 and {"optimizer", "scheduler", "rng", "data", "meter"} <= set(state)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_in_charge(tmp_path, monkeypatch):
+    cfg = config("beit3/debug", "train.steps=4")
+    task = build_task(cfg)
+    save_checkpoint(tmp_path, 4, task=task, state={"x": 1}, cfg=cfg)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 8, task=task, state={"x": 2}, cfg=cfg)
+    monkeypatch.undo()
+    assert not (tmp_path / "step_0000008").exists()
+    assert Checkpoint.open(tmp_path).training_state() == {"x": 1, "step": 4}
+    save_checkpoint(tmp_path, 8, task=task, state={"x": 2}, cfg=cfg)  # the leftover temp dir is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000004", "step_0000008"]
+
+
+def test_resume_refuses_a_different_model_naming_the_keys(tmp_path):
+    train(config("beit3/debug", "train.steps=4"), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"model\.depth \(checkpoint 3, requested 4\)"):
+        train(config("beit3/debug", "train.steps=8", "model.depth=4"), tmp_path, resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config("beit3/debug", "train.steps=8"), tmp_path, progress=False)
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        mm.load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        mm.load_checkpoint(tmp_path)
+    train(config("beit3/debug", "train.steps=4"), tmp_path, progress=False)
+    weights = tmp_path / "checkpoints" / "latest" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors"):
+        mm.load_checkpoint(tmp_path)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    forward = MaskedDataModeling.forward
+    calls = {"n": 0}
+    poisoned = {3, 4} | set(range(7, 100))  # steps 3-4 recover; from step 7 on nothing is finite
+
+    def poison(self, batch):
+        out = forward(self, batch)
+        calls["n"] += 1
+        if calls["n"] in poisoned:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MaskedDataModeling, "forward", poison)
+    cfg = config("beit3/debug", "train.steps=20", "train.max_bad_steps=3", "train.checkpoint_every=2")
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        train(cfg, tmp_path, progress=False)
+    records = read_records(tmp_path)
+    assert records[-1]["bad_steps"] >= 2
+    assert Checkpoint.open(tmp_path / "checkpoints").training_state()["step"] == 8
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "checkpoints/latest/model.safetensors").values())
+
+
+def test_layer_decay_scales_the_learning_rate_per_block():
+    from timm.optim import create_optimizer_v2
+
+    cfg = config("beit3/debug")
+    task = build_task(cfg)
+    optimizer = create_optimizer_v2(task, opt="adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(task.named_parameters())
+    depth = cfg.model.depth
+    assert scale[id(params["model.text_embed.tokens.weight"])] == 0.5 ** (depth + 1)
+    assert scale[id(params["model.layers.0.attn.q_proj.vision.weight"])] == 0.5 ** depth
+    assert scale[id(params[f"model.layers.{depth - 1}.attn.q_proj.vision.weight"])] == 0.5
+    assert scale[id(params["mim_head.weight"])] == 1.0
+    for name in ("model.vision_embed.pos_embed", "model.vision_embed.cls_token", "model.vision_embed.mask_token",
+                 "mim_head.bias"):
+        assert decay[id(params[name])] == 0.0, name
+    assert decay[id(params["mim_head.weight"])] == 0.05
+
+
+def test_cli_pretrain_and_inspect(tmp_path, capsys):
+    from multimodal_moe.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(run_dir), "--no-progress",
+                 *[f"--set={o}" for o in (*LM_FAST, "train.steps=6")]]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+    assert main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "lm_loss" in out and "skipped samples: none" in out
+    assert (run_dir / "plots" / "loss.png").stat().st_size > 1000
+    assert main(["pretrain", "--config", "lm/debug", "--resume"]) == 2
+    assert "--run-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", [p for p in mm.list_presets() if "debug" in p])
+def test_every_debug_preset_trains_its_default_task_with_gradients_everywhere(preset):
+    cfg = config(preset)
+    task = build_task(cfg)
+    batch = next(iter(task.train_data(seed=0, num_workers=0)))
+    out = task(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert [n for n, p in task.named_parameters() if p.grad is None] == []
+    assert out.samples > 0 and out.tokens > out.samples
