@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,12 +79,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .training import CheckpointError, TrainingDiverged, train
 
     cfg = load_config(args.config, args.set)
+    distributed, main_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0)) == 0
     if args.run_dir is None:
-        if args.resume:
-            print("mmoe: error: --resume needs the --run-dir of the run to continue", file=sys.stderr)
+        if args.resume or distributed:
+            print(f"mmoe: error: {'--resume' if args.resume else 'torchrun'} needs --run-dir", file=sys.stderr)
             return 2
         args.run_dir = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"pretrain {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {args.run_dir}", file=sys.stderr)
+    if main_rank:
+        print(f"pretrain {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {args.run_dir}",
+              file=sys.stderr)
     try:
         result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
     except (CheckpointError, TrainingDiverged) as e:
@@ -93,6 +97,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"\nmmoe: interrupted; continue with: mmoe pretrain --config {args.config} --run-dir {args.run_dir} "
               f"--resume", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     first, last = result.records[0], result.records[-1]
     print(f"done: {result.step} steps, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
           f"(step {last['step']}); checkpoint {Path(args.run_dir) / 'checkpoints' / 'latest'}; "

@@ -47,6 +47,10 @@ class TrainConfig(Configurable):
         keep_checkpoints: how many checkpoints to keep (oldest deleted first).
         max_bad_steps: stop after this many consecutive steps with a non-finite loss or gradient.
         tensorboard: also write TensorBoard scalars to ``<run-dir>/tensorboard``.
+        data_parallel: under torchrun, ddp (replicated weights) | fsdp (FSDP2: sharded weights,
+            gradients and optimizer state; sharded checkpoints).
+        expert_parallel: under torchrun with ddp, split each top-k / MH-MoE layer's experts over
+            groups of this many ranks (1: experts replicated).
     """
 
     steps: int = 300
@@ -69,9 +73,12 @@ class TrainConfig(Configurable):
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     tensorboard: bool = False
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    expert_parallel: int = 1
 
     def check(self) -> None:
-        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                     "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "num_workers"):
@@ -92,6 +99,11 @@ class TrainConfig(Configurable):
             raise ConfigError("clip_grad", f"must be positive or null, got {self.clip_grad}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.expert_parallel > 1 and self.data_parallel != "ddp":
+            raise ConfigError("expert_parallel", "runs with data_parallel: ddp (FSDP2 already shards the experts)")
+        if self.ema_decay and (self.expert_parallel > 1 or self.data_parallel == "fsdp"):
+            raise ConfigError("ema_decay", "the weight EMA keeps a whole copy of the model; it is not available with "
+                                           "sharded weights (fsdp or expert_parallel > 1)")
 
 
 @config

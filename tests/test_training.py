@@ -119,7 +119,8 @@ def test_checkpoints_are_kept_pruned_and_loadable(tmp_path):
     saved = load_file(ckpts / "latest" / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     state = torch.load(ckpts / "latest" / "state.pt", weights_only=True)
-    assert state["step"] == 12 and {"optimizer", "scheduler", "rng", "data", "meter"} <= set(state)
+    assert state["step"] == 12 and {"optimizer", "scheduler", "per_rank"} <= set(state)
+    assert state["world"] == 1 and {"rng", "data", "meter"} == set(state["per_rank"][0])
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_in_charge(tmp_path, monkeypatch):
@@ -136,6 +137,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_in_charge(tmp_path,
     monkeypatch.undo()
     assert not (tmp_path / "step_0000008").exists()
     assert Checkpoint.open(tmp_path).training_state() == {"x": 1, "step": 4}
+    assert not (tmp_path / ".tmp-step_0000008" / "state.pt").exists()
     save_checkpoint(tmp_path, 8, task=task, state={"x": 2}, cfg=cfg)  # the leftover temp dir is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000004", "step_0000008"]
 

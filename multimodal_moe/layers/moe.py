@@ -271,7 +271,7 @@ class Router(nn.Module):
             self.weight_ED = None
             self.proj = nn.Linear(dim, cfg.xmoe_dim, bias=False)
             self.expert_embed_Er = nn.Parameter(nn.init.orthogonal_(torch.empty(E, cfg.xmoe_dim), gain=0.32))
-            log_t = torch.tensor(math.log(cfg.xmoe_temperature))
+            log_t = torch.tensor([math.log(cfg.xmoe_temperature)])  # 1-D: FSDP2 shards no scalars
             if cfg.learn_temperature:
                 self.log_temperature = nn.Parameter(log_t)
             else:

@@ -86,7 +86,7 @@ class MixtureOfTokens(nn.Module):
         self.cfg = cfg
         self.controller_DE = nn.Parameter(torch.empty(dim, cfg.num_experts).normal_(std=dim ** -0.5))
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim, cfg.activation, init_scale)
-        log_t = torch.tensor(math.log(cfg.temperature))
+        log_t = torch.tensor([math.log(cfg.temperature)])  # 1-D: FSDP2 shards no scalars
         if cfg.learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:

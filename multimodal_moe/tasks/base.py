@@ -114,6 +114,10 @@ class Task(nn.Module):
         """This task's training stream for one rank; every random choice derives from ``seed``."""
         raise NotImplementedError
 
+    def uses_every_parameter(self) -> bool:
+        """Whether every step's loss depends on every parameter (else DDP must look for unused ones)."""
+        return True
+
     # -- hooks for timm's optimizer factory (weight decay exclusions, layer-wise lr decay) --
 
     def no_weight_decay(self) -> set[str]:

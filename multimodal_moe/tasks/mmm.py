@@ -228,6 +228,11 @@ class MaskedDataModeling(Task):
         parts["aux_loss"] = torch.as_tensor(aux).detach()
         return TaskOutput(total + aux, parts, samples, tokens, stats)
 
+    def uses_every_parameter(self) -> bool:
+        # a stream with a lower ratio skips steps, and with it a head or a modality's branch
+        ratios = {s.ratio for name in ("image", "text", "image_text") if (s := getattr(self.cfg, name)) is not None}
+        return len(ratios) == 1
+
     # -- data --------------------------------------------------------------------------------
 
     def train_data(self, *, seed: int, num_workers: int) -> PretrainMixer:

@@ -2,7 +2,7 @@
 
 from ..config import TrainConfig
 from .checkpoint import Checkpoint, CheckpointError, find_checkpoint, save_checkpoint
-from .trainer import TrainingDiverged, TrainResult, build_task, train
+from .trainer import Trainer, TrainingDiverged, TrainResult, build_task, train
 
-__all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "TrainingDiverged", "build_task",
+__all__ = ["Checkpoint", "CheckpointError", "TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "build_task",
            "find_checkpoint", "save_checkpoint", "train"]

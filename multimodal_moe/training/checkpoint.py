@@ -3,16 +3,19 @@
 A run's ``checkpoints/`` folder holds ``step_XXXXXXX/`` directories and ``latest``, a symlink to
 the newest. Each checkpoint directory holds::
 
-    model.safetensors   the backbone's weights (what fine-tuning and ``load_checkpoint`` read)
+    model.safetensors   the backbone's weights, whole (what fine-tuning and ``load_checkpoint`` read)
     heads.safetensors   the task's own weights (pretraining heads)
-    ema.safetensors     the weight EMA of backbone and heads, when training keeps one
-    state.pt            optimizer, scheduler, RNG and data-reader state, step, meters
-                        (plain tensors and containers: read with ``weights_only=True``)
+    ema.safetensors     the weight EMA of the backbone, when training keeps one
+    state.pt            optimizer (unless sharded), scheduler, per-rank RNG and data-reader
+                        state, step, meters: plain tensors and containers, read with
+                        ``weights_only=True``
+    sharded/            FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint)
     config.yaml         the resolved run config
 
 It is written into ``.tmp-step_XXXXXXX`` (every file flushed to disk), renamed into place,
 and only then is ``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX). The
-oldest checkpoints beyond ``keep`` are deleted last, never the one ``latest`` names.
+oldest checkpoints beyond ``keep`` are deleted last, never the one ``latest`` names. Weights
+that share storage (a tied output projection) are stored once.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import Config, dump_config
 from ..configurable import ConfigError, parse, to_dict
 
-__all__ = ["Checkpoint", "CheckpointError", "config_differences", "find_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "config_differences", "find_checkpoint",
+           "load_weights", "save_checkpoint"]
 
-MODEL_FILE, HEADS_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE = (
-    "model.safetensors", "heads.safetensors", "ema.safetensors", "state.pt", "config.yaml")
+MODEL_FILE, HEADS_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, SHARDED_DIR = (
+    "model.safetensors", "heads.safetensors", "ema.safetensors", "state.pt", "config.yaml", "sharded")
 LATEST = "latest"
 
 
@@ -55,54 +59,95 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _split_task_state(task: nn.Module) -> dict[str, torch.Tensor]:
-    """The task's tensors outside its backbone (``task.model``)."""
-    return {k: v.detach().contiguous() for k, v in task.state_dict().items() if not k.startswith("model.")}
+def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with every tensor stored once: later names of a shared tensor are dropped."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, step: int) -> None:
+    save_file(_without_aliases(state), str(path), metadata={"format": "multimodal_moe", "step": str(step)})
+
+
+class CheckpointWriter:
+    """One checkpoint being written: files go into :attr:`tmp`, :meth:`commit` publishes it.
+
+    In a distributed run every rank constructs it and calls :meth:`commit` (both synchronise);
+    rank 0 writes the files, every rank may write shards into ``tmp / "sharded"``.
+    """
+
+    def __init__(self, root: str | Path, step: int, *, is_main: bool = True, barrier=lambda: None):
+        self.root, self.step, self.is_main, self.barrier = Path(root), step, is_main, barrier
+        self.name = step_dir_name(step)
+        self.tmp = self.root / f".tmp-{self.name}"
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():  # left by a crash
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        barrier()
+
+    def write(self, *, model: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], state: dict[str, Any],
+              cfg: Config, ema: dict[str, torch.Tensor] | None = None) -> None:
+        """Rank 0's files: weights, training state, config."""
+        save_weights(model, self.tmp / MODEL_FILE, self.step)
+        save_weights(heads, self.tmp / HEADS_FILE, self.step)
+        if ema is not None:
+            save_weights(ema, self.tmp / EMA_FILE, self.step)
+        torch.save({**state, "step": self.step}, self.tmp / STATE_FILE)
+        (self.tmp / CONFIG_FILE).write_text(dump_config(cfg))
+
+    def commit(self, keep: int) -> Path:
+        """Flush, rename into place, repoint ``latest``, delete the oldest beyond ``keep``."""
+        self.barrier()
+        final = self.root / self.name
+        if self.is_main:
+            for f in sorted(self.tmp.rglob("*"), reverse=True):
+                _fsync(f)
+            _fsync(self.tmp)
+            if final.exists():  # the same step again (a run that ends where it was checkpointed)
+                shutil.rmtree(final)
+            os.replace(self.tmp, final)
+            link = self.root / f".tmp-{LATEST}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(self.name)
+            os.replace(link, self.root / LATEST)
+            _fsync(self.root)
+            for old in sorted(p for p in self.root.glob("step_*") if p.is_dir())[:-keep]:
+                if old.name != self.name:
+                    shutil.rmtree(old)
+        self.barrier()
+        return final
+
+
+def task_states(task: nn.Module, state: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(backbone weights, the task's other weights) of a task's state dict (``state``: one
+    gathered from shards), each tied weight once."""
+    state = task.state_dict() if state is None else state
+    seen: set[int] = set()
+    for name, p in task.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            state = {k: v for k, v in state.items() if k != name}
+        seen.add(id(p))
+    model = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return model, {k: v for k, v in state.items() if not k.startswith("model.")}
 
 
 def save_checkpoint(checkpoints_dir: str | Path, step: int, *, task: nn.Module, state: dict[str, Any], cfg: Config,
                     ema: nn.Module | None = None, keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``.
-
-    Args:
-        checkpoints_dir: the run's ``checkpoints/`` folder (created if needed).
-        step: optimizer updates done.
-        task: the (unwrapped) task; its ``model`` is the backbone.
-        state: the training state for ``state.pt`` (tensors, numbers, strings, containers).
-        cfg: the resolved run config.
-        ema: the EMA copy of ``task``, if any.
-        keep: checkpoints to keep.
-    """
-    root = Path(checkpoints_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = step_dir_name(step)
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    meta = {"format": "multimodal_moe", "step": str(step)}
-    save_model(task.model, str(tmp / MODEL_FILE), metadata=meta)
-    save_file(_split_task_state(task), str(tmp / HEADS_FILE), metadata=meta)
-    if ema is not None:
-        save_model(ema, str(tmp / EMA_FILE), metadata=meta)
-    torch.save({**state, "step": step}, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(dump_config(cfg))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    final = root / name
-    if final.exists():  # the same step again (a run that ends where it was checkpointed)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    link = root / f".tmp-{LATEST}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(name)
-    os.replace(link, root / LATEST)
-    _fsync(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        if old.name != name:
-            shutil.rmtree(old)
-    return final
+    """Write a single-process checkpoint of ``task`` (its ``model`` is the backbone) atomically,
+    point ``latest`` at it, keep the newest ``keep``."""
+    writer = CheckpointWriter(checkpoints_dir, step)
+    model, heads = task_states(task)
+    writer.write(model=model, heads=heads, state=state, cfg=cfg, ema=None if ema is None else ema.state_dict())
+    return writer.commit(keep)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -132,6 +177,20 @@ def config_differences(saved: Any, requested: Any, prefix: str = "") -> list[str
     return [] if saved == requested else [f"{prefix} (checkpoint {saved!r}, requested {requested!r})"]
 
 
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(state)``, strict except for names that alias a loaded tensor
+    (tied weights are stored once); any other missing or unexpected key is an error naming it."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{source} does not fit the model: {e}") from None
+    params = dict(module.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint directory, read lazily."""
@@ -153,39 +212,36 @@ class Checkpoint:
         except (yaml.YAMLError, ConfigError) as e:
             raise CheckpointError(f"{self.path / CONFIG_FILE} is not a valid run config: {e}") from None
 
+    @property
+    def sharded(self) -> Path | None:
+        """The folder of an FSDP2 run's shards, if this checkpoint has one."""
+        path = self.path / SHARDED_DIR
+        return path if path.is_dir() else None
+
     def check_compatible(self, cfg: Config, sections: tuple[str, ...] = ("model",)) -> None:
         """Raise :class:`CheckpointError` naming every key of ``sections`` that differs."""
-        saved = to_dict(self.config)
-        requested = to_dict(cfg)
+        saved, requested = to_dict(self.config), to_dict(cfg)
         diffs = [d for s in sections for d in config_differences(saved.get(s), requested.get(s), s)]
         if diffs:
             raise CheckpointError(f"checkpoint {self.path} does not fit the requested config; mismatched keys:\n  "
                                   + "\n  ".join(diffs))
 
-    def _load(self, fn, what: str, *args, **kwargs):
-        path = self.path / what
+    def _read(self, fn, name: str, **kwargs):
+        path = self.path / name
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {self.path} has no {what}")
+            raise CheckpointError(f"checkpoint {self.path} has no {name}")
         try:
-            return fn(*args, str(path), **kwargs) if args else fn(str(path), **kwargs)
+            return fn(str(path), **kwargs)
         except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
 
+    def weights(self, name: str = MODEL_FILE) -> dict[str, torch.Tensor]:
+        """A weights file (``model``, ``heads`` or ``ema.safetensors``) as a state dict."""
+        return self._read(load_file, name)
+
     def load_model_into(self, model: nn.Module) -> None:
         """Load the backbone weights (strict: every key present, no extra, same shapes)."""
-        self._load(load_model, MODEL_FILE, model, strict=True)
-
-    def load_task_into(self, task: nn.Module) -> None:
-        self.load_model_into(task.model)
-        heads = self._load(load_file, HEADS_FILE)
-        missing, unexpected = task.load_state_dict(heads, strict=False)
-        missing = [k for k in missing if not k.startswith("model.")]
-        if missing or unexpected:
-            raise CheckpointError(f"{self.path / HEADS_FILE} does not fit the task: missing {missing}, "
-                                  f"unexpected {unexpected}")
-
-    def load_ema_into(self, ema: nn.Module) -> None:
-        self._load(load_model, EMA_FILE, ema, strict=True)
+        load_weights(model, self.weights(MODEL_FILE), str(self.path / MODEL_FILE))
 
     def training_state(self) -> dict[str, Any]:
-        return self._load(torch.load, STATE_FILE, weights_only=True, map_location="cpu")
+        return self._read(torch.load, STATE_FILE, weights_only=True, map_location="cpu")

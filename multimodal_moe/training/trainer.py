@@ -1,16 +1,18 @@
-"""The training loop: any task, one machine or many, resumable exactly.
+"""The training loop: any task, one process or many (torchrun), resumable exactly.
 
     mmoe pretrain --config configs/pretrain/debug.yaml --run-dir runs/x [--resume]
+    torchrun --nproc_per_node 2 -m multimodal_moe.cli pretrain ... [--set train.data_parallel=fsdp]
 
-One step = ``grad_accum`` micro-batches -> clip -> AdamW (timm's factory: no decay on biases,
-norms, positions and CLS/mask tokens; optional layer-wise lr decay) -> cosine schedule with
-linear warmup (timm, per step) -> optional weight EMA. A step whose loss or gradient is not
-finite is skipped and counted; ``max_bad_steps`` in a row stop the run with its last good
-checkpoint intact. Every ``log_every`` steps a line goes to ``metrics.jsonl``
-(:mod:`.metrics`); every ``checkpoint_every`` steps and at the end a checkpoint is written
-(:mod:`.checkpoint`). A resumed run restores weights, optimizer, scheduler, RNG, data-reader
-positions and the current log interval, and so continues exactly as the uninterrupted run would
-have (bitwise on CPU with the same thread count).
+One step = ``grad_accum`` micro-batches -> (DDP / FSDP2 gradient sync on the last) -> clip ->
+AdamW (timm's factory: no decay on biases, norms, positions and CLS/mask tokens; optional
+layer-wise lr decay) -> cosine schedule with linear warmup (timm, per step) -> optional weight
+EMA. A step whose loss or gradient is not finite on any rank is skipped by every rank and
+counted; ``max_bad_steps`` in a row stop the run with its last good checkpoint intact. Every
+``log_every`` steps rank 0 appends the ranks' mean values to ``metrics.jsonl`` (:mod:`.metrics`);
+every ``checkpoint_every`` steps and at the end a checkpoint is written (:mod:`.checkpoint`). A
+resumed run restores weights, optimizer, scheduler, and each rank's RNG, data-reader position
+and current log interval, so it continues exactly as the uninterrupted run would have (bitwise
+on CPU with the same thread count).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from timm.utils import ModelEmaV3
 from .. import build_model
 from ..config import Config, dump_config
 from ..configurable import to_dict
+from ..distributed import init_distributed, parallelize
+from ..distributed.expert_parallel import consolidate_experts, localize_experts
 from ..runtime import keep_freed_memory
 from ..tasks import Task, default_task
-from .checkpoint import Checkpoint, config_differences, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, CheckpointWriter, config_differences, load_weights, task_states
 from .metrics import MetricsLog, StepMeter
 
-__all__ = ["TrainResult", "TrainingDiverged", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "build_task", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,10 +55,14 @@ class TrainResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class StepInfo:
+    """One optimizer step on this rank: its mean micro-batch loss, the global grad norm, and
+    whether the update was applied."""
+
+    loss: float
+    grad_norm: float
+    applied: bool
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -89,173 +97,281 @@ def build_task(cfg: Config) -> Task:
         return task_cfg.build(model)
 
 
-class _Progress:
-    """A tqdm bar on stderr (or nothing), with the loss and throughput."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, record: dict[str, Any] | None) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        if record is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _numbers(tree: Any, out: list[float]) -> None:
+    if isinstance(tree, dict):
+        for v in tree.values():
+            _numbers(v, out)
+    elif isinstance(tree, list):
+        for v in tree:
+            _numbers(v, out)
+    elif isinstance(tree, (int, float)):
+        out.append(float(tree))
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``cfg.task`` (or the model's default task) for ``cfg.train.steps`` steps.
+def _replace_numbers(tree: Any, values: list[float]) -> Any:
+    if isinstance(tree, dict):
+        return {k: _replace_numbers(v, values) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_replace_numbers(v, values) for v in tree]
+    if isinstance(tree, (int, float)):
+        return values.pop(0)
+    return tree
+
+
+def _merge_counts(dicts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for d in dicts:
+        for stream, reasons in d.items():
+            merged = out.setdefault(stream, {})
+            for reason, n in reasons.items():
+                merged[reason] = merged.get(reason, 0) + n
+    return out
+
+
+class Trainer:
+    """A task, its optimizer, schedule, data and run directory, ready to step.
 
     Args:
         cfg: the resolved run config.
         run_dir: where ``config.yaml``, ``metrics.jsonl`` and ``checkpoints/`` go.
         resume: continue from ``run_dir/checkpoints/latest`` (whose model and task config must
-            match ``cfg``'s); without it, a run dir that already has checkpoints is refused.
-        progress: show a progress bar.
+            match ``cfg``'s, saved at the same world size); without it, a run dir that already
+            has checkpoints is refused.
+        progress: show a progress bar (rank 0).
 
     Raises:
-        TrainingDiverged: after ``max_bad_steps`` consecutive non-finite steps.
         CheckpointError: ``resume`` without a readable checkpoint, or one that does not fit.
         FileExistsError: a fresh run into a run dir that has checkpoints.
     """
-    tc = cfg.train
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    checkpoint = None
-    if resume:
-        checkpoint = Checkpoint.open(ckpt_dir)
-        checkpoint.check_compatible(cfg, sections=("model", "task", "seed"))
-    elif any(ckpt_dir.glob("step_*")):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
-                              f"or choose a new --run-dir")
 
-    device = resolve_device(tc.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    amp_dtype = autocast_dtype(tc.precision, device)
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg).to(device)
-    optimizer = create_optimizer_v2(task, opt="adamw", lr=tc.lr, weight_decay=tc.weight_decay, betas=tuple(tc.betas),
-                                    eps=tc.eps, layer_decay=tc.layer_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=tc.steps - tc.warmup_steps, lr_min=tc.min_lr,
-                                  warmup_t=tc.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
-                                  t_in_epochs=False)
-    ema = ModelEmaV3(task.model, decay=tc.ema_decay) if tc.ema_decay else None
-    data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers)
-    meter, log = StepMeter(), MetricsLog(run_dir / "metrics.jsonl")
-    step, bad_in_a_row, bad_steps = 0, 0, 0
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True):
+        tc = self.tc = cfg.train
+        self.cfg, self.progress = cfg, progress
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        checkpoint = None
+        if resume:
+            checkpoint = Checkpoint.open(self.ckpt_dir)
+            checkpoint.check_compatible(cfg, sections=("model", "task", "seed"))
+        elif any(self.ckpt_dir.glob("step_*")):
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
+                                  f"or choose a new --run-dir")
 
-    if checkpoint is not None:
-        state = checkpoint.training_state()
-        checkpoint.load_task_into(task)
-        optimizer.load_state_dict(state["optimizer"])
-        changed = config_differences(to_dict(checkpoint.config.train), to_dict(tc), "train")
-        if changed:  # e.g. more steps: the schedule follows the new config from here on
-            print(f"resuming with a changed train section: {'; '.join(changed)}", file=sys.stderr)
+        self.env = env = init_distributed(tc.device)
+        if env.device.type == "cpu":
+            keep_freed_memory()
+        self.amp_dtype = autocast_dtype(tc.precision, env.device)
+        self.task = task = build_task(cfg).to(env.device)
+        torch.manual_seed(cfg.seed + env.rank)
+        self.parallel = parallelize(task, env, data_parallel=tc.data_parallel, expert_parallel=tc.expert_parallel,
+                                    find_unused_parameters=not task.uses_every_parameter())
+        self.optimizer = create_optimizer_v2(task, opt="adamw", lr=tc.lr, weight_decay=tc.weight_decay,
+                                             betas=tuple(tc.betas), eps=tc.eps, layer_decay=tc.layer_decay)
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=tc.steps - tc.warmup_steps, lr_min=tc.min_lr,
+                                           warmup_t=tc.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
+                                           t_in_epochs=False)
+        self.ema = ModelEmaV3(task.model, decay=tc.ema_decay) if tc.ema_decay else None
+        self.data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers)
+        self.meter, self.log = StepMeter(), MetricsLog(self.run_dir / "metrics.jsonl")
+        self.step = self.bad_steps = self.bad_in_a_row = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log.truncate(after_step=0)
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.call = torch.compile(self.parallel.module) if tc.compile else self.parallel.module
+        self.clip = tc.clip_grad if tc.clip_grad is not None else math.inf
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list) -> StepInfo:
+        """One optimizer update from ``micro_batches`` (this rank's share of the global batch)."""
+        self.task.train()
+        self.scheduler.step_update(self.step + 1)  # the lr of update step+1 (update 0 would have lr 0)
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs, finite = [], True
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.env.device) if hasattr(batch, "to") else batch
+            last = i == len(micro_batches) - 1
+            amp = torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype \
+                else contextlib.nullcontext()
+            with self.parallel.sync(last), amp:
+                out = self.call(batch)
+            with self.parallel.sync(last):
+                # every rank runs every backward (collectives must match); a bad step is dropped below
+                (out.loss / len(micro_batches)).backward()
+            finite &= bool(torch.isfinite(out.loss))
+            outputs.append(out)
+        self.parallel.finish_grads()
+        grad_norm = self.parallel.clip_grad_norm(self.clip)
+        finite = self.env.mean([float(finite)])[0] == 1.0 and bool(torch.isfinite(grad_norm))
+        loss = sum(float(out.loss.detach()) for out in outputs) / len(outputs)
+        if finite:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.task.model, step=self.step)
+            self.bad_in_a_row = 0
+            for out in outputs:
+                self.meter.add_output(out, len(outputs))
+            self.meter.add_step(loss, float(grad_norm), max(g["lr"] for g in self.optimizer.param_groups))
         else:
-            scheduler.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["data"])
-        meter.load_state_dict(state["meter"])
-        if ema is not None:
-            checkpoint.load_ema_into(ema.module)
-        step, bad_steps, bad_in_a_row = state["step"], state["bad_steps"], state["bad_in_a_row"]
-        set_rng_state(state["rng"])
-        log.truncate(after_step=step)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.truncate(after_step=0)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+            self.bad_steps += 1
+            self.bad_in_a_row += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepInfo(loss, float(grad_norm), finite)
 
-    model_step = torch.compile(task) if tc.compile else task
-    params = [p for p in task.parameters() if p.requires_grad]
-    clip = tc.clip_grad if tc.clip_grad is not None else math.inf
-    batches = iter(data)
-    bar = _Progress(progress, step, tc.steps)
-    interval_start = time.perf_counter()
-    writer = _tensorboard(run_dir) if tc.tensorboard else None
+    # -- the loop ----------------------------------------------------------------------------
 
-    def training_state() -> dict[str, Any]:
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "data": data.state_dict(),
-                "meter": meter.state_dict(), "rng": rng_state(), "bad_steps": bad_steps,
-                "bad_in_a_row": bad_in_a_row}
+    def fit(self) -> TrainResult:
+        """Train to ``train.steps``; raises :class:`TrainingDiverged` after ``max_bad_steps``
+        consecutive bad steps."""
+        tc, records = self.tc, []
+        batches = iter(self.data)
+        bar = None
+        if self.progress and self.env.is_main:
+            from tqdm import tqdm
 
-    def checkpoint_now() -> None:
-        save_checkpoint(ckpt_dir, step, task=task, state=training_state(), cfg=cfg,
-                        ema=None if ema is None else ema.module, keep=tc.keep_checkpoints)
-
-    records = []
-    task.train()
-    try:
-        while step < tc.steps:
-            scheduler.step_update(step + 1)  # the lr of update step+1 (update 0 would have lr 0)
-            optimizer.zero_grad(set_to_none=True)
-            outputs, finite = [], True
-            for _ in range(tc.grad_accum):
-                batch = next(batches)
-                batch = batch.to(device) if hasattr(batch, "to") else batch
-                with (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()):
-                    out = model_step(batch)
-                if not torch.isfinite(out.loss):
-                    finite = False
-                    continue
-                (out.loss / tc.grad_accum).backward()
-                outputs.append(out)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if finite else torch.tensor(math.nan)
-            if finite and torch.isfinite(grad_norm):
-                optimizer.step()
-                if ema is not None:
-                    ema.update(task.model, step=step)
-                bad_in_a_row = 0
-                for out in outputs:
-                    meter.add_output(out, tc.grad_accum)
-                meter.add_step(sum(float(out.loss.detach()) for out in outputs) / tc.grad_accum, float(grad_norm),
-                               max(group["lr"] for group in optimizer.param_groups))
-            else:
-                bad_steps += 1
-                bad_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                if bad_in_a_row >= tc.max_bad_steps:
+            bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                       dynamic_ncols=True)
+        writer = self._tensorboard() if tc.tensorboard and self.env.is_main else None
+        interval_start = time.perf_counter()
+        try:
+            while self.step < tc.steps:
+                self.train_step([next(batches) for _ in range(tc.grad_accum)])
+                if self.bad_in_a_row >= tc.max_bad_steps:
                     raise TrainingDiverged(
-                        f"{bad_in_a_row} consecutive steps (up to step {step + 1}) had a non-finite loss or gradient; "
-                        f"stopping. The last good checkpoint is {ckpt_dir / 'latest'} (resume with --resume after "
-                        f"lowering train.lr or raising train.warmup_steps)")
-            step += 1
-            record = None
-            if step % tc.log_every == 0 or step == tc.steps:
-                elapsed = time.perf_counter() - interval_start
-                record = {"step": step, **meter.summary(),
-                          "samples_per_s": meter.samples / elapsed, "tokens_per_s": meter.tokens / elapsed,
-                          "bad_steps": bad_steps, "skipped_samples": data.skipped()}
-                log.write(record)
-                records.append(record)
-                if writer is not None:
-                    for k, v in record.items():
-                        if isinstance(v, (int, float)) and k != "step":
-                            writer.add_scalar(k, v, step)
-                meter.reset()
-                interval_start = time.perf_counter()
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoint_now()
-            bar.update(record)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    return TrainResult(run_dir, step, records)
+                        f"{self.bad_in_a_row} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                        f"gradient; stopping. The last good checkpoint is {self.ckpt_dir / 'latest'} (resume with "
+                        f"--resume after lowering train.lr or raising train.warmup_steps)")
+                record = None
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    record = self._record(time.perf_counter() - interval_start)
+                    if self.env.is_main:
+                        self.log.write(record)
+                        if writer is not None:
+                            for k, v in record.items():
+                                if isinstance(v, (int, float)) and k != "step":
+                                    writer.add_scalar(k, v, self.step)
+                    records.append(record)
+                    self.meter.reset()
+                    interval_start = time.perf_counter()
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    if record is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return TrainResult(self.run_dir, self.step, records)
+
+    def _record(self, elapsed: float) -> dict[str, Any]:
+        """This log interval's line: the mean over ranks of every number, summed throughput."""
+        summary = {**self.meter.summary(), "samples_per_s": self.meter.samples / elapsed,
+                   "tokens_per_s": self.meter.tokens / elapsed}
+        values: list[float] = []
+        _numbers(summary, values)
+        summary = _replace_numbers(summary, self.env.mean(values))
+        summary["samples_per_s"] *= self.env.world
+        summary["tokens_per_s"] *= self.env.world
+        skipped = _merge_counts(self.env.gather(self.data.skipped()))
+        return {"step": self.step, **summary, "bad_steps": self.bad_steps, "skipped_samples": skipped}
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("train.tensorboard needs the tensorboard package (pip install tensorboard)") from e
+        return SummaryWriter(self.run_dir / "tensorboard")
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (every rank calls it)."""
+        env, parallel = self.env, self.parallel
+        writer = CheckpointWriter(self.ckpt_dir, self.step, is_main=env.is_main, barrier=env.barrier)
+        per_rank = env.gather({"data": self.data.state_dict(), "rng": rng_state(), "meter": self.meter.state_dict()})
+        if parallel.kind == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            dcp.save({"model": get_model_state_dict(self.task),
+                      "optimizer": get_optimizer_state_dict(self.task, self.optimizer)},
+                     checkpoint_id=writer.tmp / "sharded")
+            full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            optimizer_state = None
+        elif parallel.expert_names:
+            full, optimizer_state = consolidate_experts(
+                self.task.state_dict(), self.optimizer.state_dict(), optimizer=self.optimizer, model=self.task,
+                expert_names=parallel.expert_names, group=parallel.expert_group)
+        else:
+            full, optimizer_state = self.task.state_dict(), self.optimizer.state_dict()
+        if env.is_main:
+            model, heads = task_states(self.task, full)
+            state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "per_rank": per_rank,
+                     "world": env.world, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row}
+            writer.write(model=model, heads=heads, state=state, cfg=self.cfg,
+                         ema=None if self.ema is None else self.ema.module.state_dict())
+        return writer.commit(self.tc.keep_checkpoints)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        env, parallel = self.env, self.parallel
+        state = checkpoint.training_state()
+        if state["world"] != env.world:
+            raise CheckpointError(f"{checkpoint.path} was saved by {state['world']} process(es), this run has "
+                                  f"{env.world}; data-reader positions are per rank, so resume at the same world size")
+        if checkpoint.sharded is not None:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                get_model_state_dict,
+                get_optimizer_state_dict,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            sharded = {"model": get_model_state_dict(self.task),
+                       "optimizer": get_optimizer_state_dict(self.task, self.optimizer)}
+            dcp.load(sharded, checkpoint_id=checkpoint.sharded)
+            set_model_state_dict(self.task, sharded["model"])
+            set_optimizer_state_dict(self.task, self.optimizer, sharded["optimizer"])
+        else:
+            full = {f"model.{k}": v for k, v in checkpoint.weights().items()}
+            full.update(checkpoint.weights("heads.safetensors"))
+            optimizer_state = state["optimizer"]
+            if parallel.expert_names:
+                full, optimizer_state = localize_experts(full, optimizer_state, optimizer=self.optimizer,
+                                                         model=self.task, expert_names=parallel.expert_names,
+                                                         group=parallel.expert_group)
+            load_weights(self.task, full, str(checkpoint.path))
+            self.optimizer.load_state_dict(optimizer_state)
+        if self.ema is not None:
+            load_weights(self.ema.module, checkpoint.weights("ema.safetensors"), str(checkpoint.path))
+        changed = config_differences(to_dict(checkpoint.config.train), to_dict(self.tc), "train")
+        if changed:  # e.g. more steps: the schedule follows the new config from here on
+            if env.is_main:
+                print(f"resuming with a changed train section: {'; '.join(changed)}", file=sys.stderr)
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
+        mine = state["per_rank"][env.rank]
+        self.data.load_state_dict(mine["data"])
+        self.meter.load_state_dict(mine["meter"])
+        set_rng_state(mine["rng"])
+        self.step, self.bad_steps, self.bad_in_a_row = state["step"], state["bad_steps"], state["bad_in_a_row"]
+        if env.is_main:
+            self.log.truncate(after_step=self.step)
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError("train.tensorboard needs the tensorboard package (pip install tensorboard)") from e
-    return SummaryWriter(run_dir / "tensorboard")
-
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``cfg.task`` (or the model's default task) for ``cfg.train.steps`` steps; see
+    :class:`Trainer` for the arguments and errors."""
+    return Trainer(cfg, run_dir, resume=resume, progress=progress).fit()

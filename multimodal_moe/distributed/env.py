@@ -1,0 +1,79 @@
+"""The process group of a torchrun launch, and the few collectives the trainer needs.
+
+Device-agnostic: under torchrun with CUDA each process takes GPU ``LOCAL_RANK`` and NCCL (plus
+gloo for CPU-side objects); without CUDA, gloo on the CPU. Started without torchrun, everything
+is a no-op on a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "init_distributed"]
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank, world size and its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = CPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean of each value across ranks (as given on a world of one)."""
+        if not self.distributed or not values:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)  # CPU: the group always has gloo for these
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join torchrun's process group (once) and pick this process's device.
+
+    Args:
+        device: ``auto`` (CUDA if available, else CPU), or a device name; under torchrun a bare
+            ``cuda`` becomes ``cuda:LOCAL_RANK``.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank if world > 1 else 0)
+    if world > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if resolved.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
+    return DistEnv(device=resolved)

@@ -1,0 +1,147 @@
+"""Distributed training on CPU with gloo, world size 2 (spawned processes): DDP, FSDP2 and
+expert parallelism take the same steps as one process on the same global batch, and a
+sharded checkpoint saved at world size 2 resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import multimodal_moe as mm
+from data_pipelines.batches import LMBatch
+from multimodal_moe.distributed.expert_parallel import ExpertParallelExperts
+from multimodal_moe.training import Trainer
+
+WORLD = 2
+STEPS = 3
+BASE = ["train.num_workers=0", "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
+        "task.text.batch_size=8", "task.text.max_len=32", "task.text.shuffle_buffer=20"]
+# Routing statistics (balance loss, capacity) are per rank by design, as in GShard; without them
+# a sharded MoE step is the same computation as one process's.
+MOE_EXACT = ["model.moe_ffn.capacity_factor=null", "model.moe_ffn.balance_loss_weight=0.0",
+             "model.moe_ffn.z_loss_weight=0.0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, fn, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn, *args) -> None:
+    mp.start_processes(_worker, args=(free_port(), fn, args), nprocs=WORLD, start_method="spawn")
+
+
+def global_batches(cfg: mm.Config) -> list[LMBatch]:
+    from multimodal_moe.training import build_task
+
+    data = iter(build_task(cfg).train_data(seed=0, num_workers=0))
+    return [next(data) for _ in range(STEPS)]
+
+
+def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list[LMBatch], out: Path) -> None:
+    trainer = Trainer(cfg, run_dir, progress=False)
+    losses = []
+    for batch in batches:
+        rows = len(batch) // WORLD
+        info = trainer.train_step([LMBatch(keys=[], ids_BT=batch.ids_BT[rank * rows:(rank + 1) * rows])])
+        losses.append(trainer.env.mean([info.loss])[0])
+    if cfg.train.expert_parallel > 1:
+        assert any(isinstance(m, ExpertParallelExperts) for m in trainer.task.modules())
+    trainer.save()
+    if rank == 0:
+        out.write_text(json.dumps(losses))
+
+
+@pytest.mark.parametrize("preset, parallel", [
+    ("lm/debug", ["train.data_parallel=ddp"]),
+    ("lm/debug", ["train.data_parallel=fsdp"]),
+    ("lm/mot_debug", ["train.data_parallel=fsdp"]),  # MoT: experts sharded as ordinary parameters
+    ("lm/xmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
+    ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
+], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe"])
+def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
+    cfg = mm.load_config(preset, [*BASE, *parallel])
+    single_cfg = mm.load_config(preset, [*BASE, *[p for p in parallel if not p.startswith("train.")]])
+    batches = global_batches(single_cfg)
+
+    single = Trainer(single_cfg, tmp_path / "single", progress=False)
+    expected = [single.train_step([b]).loss for b in batches]
+    single.save()
+
+    run_ranks(steps_on_rank, cfg, tmp_path / "dist", batches, tmp_path / "losses.json")
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses == pytest.approx(expected, abs=1e-5)
+    ours = load_file(tmp_path / "dist" / "checkpoints" / "latest" / "model.safetensors")
+    theirs = load_file(tmp_path / "single" / "checkpoints" / "latest" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def fit_on_rank(rank: int, cfg: mm.Config, run_dir: Path, resume: bool) -> None:
+    Trainer(cfg, run_dir, resume=resume, progress=False).fit()
+
+
+def test_sharded_checkpoint_at_world_two_resumes_exactly(tmp_path):
+    cfg = mm.load_config("lm/xmoe_debug", [*BASE, "train.data_parallel=fsdp", "train.steps=6",
+                                           "train.checkpoint_every=3", "train.log_every=1"])
+    run = tmp_path / "run"
+    run_ranks(fit_on_rank, cfg, run, False)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step_0000003" / "sharded").is_dir()
+    final = load_file(ckpts / "step_0000006" / "model.safetensors")
+    records = (run / "metrics.jsonl").read_text().splitlines()
+
+    # as if the run had died after writing step 3's checkpoint
+    shutil.rmtree(ckpts / "step_0000006")
+    (ckpts / "latest").unlink()
+    (ckpts / "latest").symlink_to("step_0000003")
+    run_ranks(fit_on_rank, cfg, run, True)
+    resumed = load_file(ckpts / "step_0000006" / "model.safetensors")
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+    def losses(lines):
+        return [{k: v for k, v in json.loads(x).items() if not k.endswith("_per_s")} for x in lines]
+
+    assert losses((run / "metrics.jsonl").read_text().splitlines()) == losses(records)
+    assert mm.load_checkpoint(run).cfg == cfg.model  # the consolidated weights load on one process
+
+
+def test_torchrun_pretrain_with_expert_parallelism(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = tmp_path / "run"
+    args = [str(torchrun), "--standalone", f"--nproc_per_node={WORLD}", "-m", "multimodal_moe.cli", "pretrain",
+            "--config", "lm/xmoe_debug", "--run-dir", str(run), "--no-progress",
+            *[f"--set={o}" for o in (*BASE, "train.steps=4", "train.expert_parallel=2")]]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 4 steps") == 1  # rank 0 reports
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    state = torch.load(run / "checkpoints" / "latest" / "state.pt", weights_only=True)
+    assert state["world"] == 2 and len(state["per_rank"]) == 2
+    experts = load_file(run / "checkpoints" / "latest" / "model.safetensors")["layers.1.ffn.experts.w1_EDF"]
+    assert experts.shape[0] == 4  # gathered whole from both ranks' halves
