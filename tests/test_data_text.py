@@ -103,6 +103,16 @@ def test_encode_for_model_bos_eos_and_truncation(beit3):
 
 
 @pytest.mark.parametrize("layout", ["beit3", "xlmr"])
+@pytest.mark.parametrize("max_len", [3, 8, 64])
+def test_encode_for_model_of_long_documents_reads_only_a_prefix_with_the_same_pieces(request, layout, max_len):
+    tok = request.getfixturevalue(layout)
+    documents = [" ".join(CORPUS), "".join(CORPUS), "\n" * 5000 + " ".join(CORPUS[::-1]),
+                 "ab" * 20000, "日本語のテキスト" * 3000]
+    for doc in documents:
+        assert tok.encode_for_model(doc, max_len) == [0, *tok.encode(doc)[: max_len - 2], 2]
+
+
+@pytest.mark.parametrize("layout", ["beit3", "xlmr"])
 @pytest.mark.parametrize("data", [b"caf\xe9", b"\xff\xfe", b"ok \xc3"])
 def test_bad_utf8_is_skipped(request, layout, data):
     tok = request.getfixturevalue(layout)

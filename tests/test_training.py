@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,3 +230,43 @@ def test_every_debug_preset_trains_its_default_task_with_gradients_everywhere(pr
     assert torch.isfinite(out.loss)
     assert [n for n, p in task.named_parameters() if p.grad is None] == []
     assert out.samples > 0 and out.tokens > out.samples
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    from data_pipelines.batches import LMBatch
+
+    cfg = config("lm/debug")
+    big = next(iter(build_task(cfg).train_data(seed=0, num_workers=0)))
+    halves = [LMBatch(keys=[], ids_BT=big.ids_BT[:4]), LMBatch(keys=[], ids_BT=big.ids_BT[4:])]
+    from multimodal_moe.training import Trainer
+
+    one = Trainer(cfg, tmp_path / "one", progress=False)
+    two = Trainer(mm.load_config("lm/debug", [*LM_FAST, "train.grad_accum=2"]), tmp_path / "two", progress=False)
+    for _ in range(3):
+        a, b = one.train_step([big]), two.train_step(halves)
+        assert a.loss == pytest.approx(b.loss, abs=1e-6) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    for (name, p), q in zip(one.task.named_parameters(), two.task.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ema_is_checkpointed_and_resumed(tmp_path):
+    cfg = config("lm/debug", "train.steps=8", "train.ema_decay=0.9")
+    train(cfg, tmp_path / "full", progress=False)
+    ema = load_file(tmp_path / "full" / "checkpoints" / "latest" / "ema.safetensors")
+    model = load_file(tmp_path / "full" / "checkpoints" / "latest" / "model.safetensors")
+    assert ema.keys() >= model.keys() - {"lm_head.weight"}
+    assert not torch.equal(ema["tok_embed.weight"], model["tok_embed.weight"])  # an average, not a copy
+
+    ckpts = tmp_path / "full" / "checkpoints"  # as if the run had died right after step 4's checkpoint
+    shutil.rmtree(ckpts / "step_0000008")
+    (ckpts / "latest").unlink()
+    (ckpts / "latest").symlink_to("step_0000004")
+    train(cfg, tmp_path / "full", resume=True, progress=False)
+    resumed = load_file(ckpts / "latest" / "ema.safetensors")
+    assert all(torch.equal(resumed[k], ema[k]) for k in ema)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    records = train(config("beit3/xmoe_debug", "train.steps=4", "train.precision=bf16"), tmp_path,
+                    progress=False).records
+    assert all(isinstance(r["loss"], float) for r in records) and records[-1]["bad_steps"] == 0
