@@ -3,11 +3,11 @@ prints JSON.
 
     python benchmarks/train.py [--sizes debug base] [--rounds 5] [--no-torchscale] [--no-memory]
 
-1. ``presets``: for each preset, the trainer's full step (its default task on the bundled data:
-   forward of every stream, heads, losses, backward, clipping, AdamW) on pre-loaded batches;
-   tokens/s and samples/s (median of interleaved rounds), the expert multiply-adds per token of
-   its MoE layers next to the dense FFN's (the base MoE presets match them; the debug ones are
-   half-width), and the rise of the peak resident set during one step in a fresh process.
+1. ``presets``: for each preset, in a fresh process, the trainer's full step (its default task
+   on the bundled data: forward of every stream, heads, losses, backward, clipping, AdamW) on
+   pre-loaded batches: tokens/s and samples/s (median step), the expert multiply-adds per token
+   of its MoE layers next to the dense FFN's (the base MoE presets match them; the debug ones
+   are half-width), and the rise of the peak resident set during one step.
 2. ``torchscale``: the dense BEiT-3 base encoder built by torchscale 0.3.0 (``pip install
    --no-deps torchscale==0.3.0 fairscale==0.4.0``, benchmark-only) and ours, forward+backward
    of the same image-text batch: seconds and peak step memory, ours / theirs (target <= 0.8).
@@ -65,62 +65,56 @@ def _status_mb(field: str) -> float:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
 
 
-def _peak_rise_mb(step: Callable[[], None]) -> float:
-    """Rise of the peak resident set during one call of ``step`` (after a warm-up call)."""
-    step()
+def measure(step: Callable[[], None], rounds: int, memory: bool) -> dict:
+    """The rise of the peak resident set during the first call of ``step`` (Linux: gradients,
+    optimizer state and activations; freed memory is kept for reuse afterwards, so later calls
+    would show none), then the median seconds of ``rounds`` more calls."""
+    out = {}
     before = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
         f.write("5")
     step()
-    return round(_status_mb("VmHWM") - before, 1)
-
-
-def _in_child(kind: str, name: str, batch: int) -> float | None:
-    """Peak step memory measured in a fresh process (None if it fails, e.g. not Linux)."""
-    out = subprocess.run([sys.executable, __file__, "--child", kind, name, str(batch)], capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-
-
-def _rounds(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    if memory:
+        out["peak_step_memory_mb"] = round(_status_mb("VmHWM") - before, 1)
+    times = []
     for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"seconds_per_step": round(statistics.median(times), 4), **out}
+
+
+def _child(kind: str, name: str, batch: int, rounds: int, memory: bool) -> dict:
+    """:func:`measure` of one model in a fresh process, so that models never share memory or caches."""
+    args = [sys.executable, __file__, "--child", kind, name, str(batch), "--rounds", str(rounds)]
+    out = subprocess.run(args + ([] if memory else ["--no-memory"]), capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"measuring {kind} {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def preset_child(name: str, batch: int, rounds: int, memory: bool) -> dict:
+    step, trainer = preset_step(name, batch)
+    out = measure(step, rounds, memory)
+    samples, tokens = trainer.meter.samples // (rounds + 1), trainer.meter.tokens // (rounds + 1)
+    model_cfg = trainer.cfg.model
+    out.update(parameters=sum(p.numel() for p in trainer.task.parameters()), samples_per_step=samples,
+               tokens_per_step=tokens, ffn_macs_per_token=expert_macs_per_token(model_cfg.ffn, model_cfg.dim))
+    if model_cfg.moe_ffn is not None:
+        out["moe_expert_macs_per_token"] = expert_macs_per_token(model_cfg.moe_ffn, model_cfg.dim)
+    out["samples_per_s"] = round(samples / out["seconds_per_step"], 1)
+    out["tokens_per_s"] = round(tokens / out["seconds_per_step"], 1)
+    return out
 
 
 def bench_presets(sizes: list[str], rounds: int, memory: bool) -> dict:
     results = {}
     for size in sizes:
-        steps, info = {}, {}
-        for preset in SIZES[size]:
-            step, trainer = preset_step(preset, BATCH[size])
-            before = (trainer.meter.samples, trainer.meter.tokens)
-            step()
-            info[preset] = {"samples": trainer.meter.samples - before[0], "tokens": trainer.meter.tokens - before[1],
-                            "parameters": sum(p.numel() for p in trainer.task.parameters())}
-            model_cfg = trainer.cfg.model
-            info[preset]["ffn_macs_per_token"] = expert_macs_per_token(model_cfg.ffn, model_cfg.dim)
-            if model_cfg.moe_ffn is not None:
-                info[preset]["moe_expert_macs_per_token"] = expert_macs_per_token(model_cfg.moe_ffn, model_cfg.dim)
-            steps[preset] = step
-        seconds = _rounds(steps, rounds)
-        for preset, s in seconds.items():
-            entry = info[preset]
-            entry.update(seconds_per_step=round(s, 4), samples_per_s=round(entry["samples"] / s, 1),
-                         tokens_per_s=round(entry["tokens"] / s, 1))
-            if memory:
-                entry["peak_step_memory_mb"] = _in_child("preset", preset, BATCH[size])
-        dense = {"beit3": seconds[SIZES[size][0]]}
-        if size == "debug":
-            dense["lm"] = seconds["lm/debug"]
-        for preset in SIZES[size]:
-            info[preset]["time_vs_dense"] = round(seconds[preset] / dense[preset.split("/")[0]], 3)
-        results[size] = info
+        info = {preset: _child("preset", preset, BATCH[size], rounds, memory) for preset in SIZES[size]}
+        for preset, entry in info.items():
+            dense = info[f"{preset.split('/')[0]}/{'debug' if size == 'debug' else 'base'}"]
+            entry["time_vs_dense"] = round(entry["seconds_per_step"] / dense["seconds_per_step"], 3)
+        results[size] = {"batch_per_stream": BATCH[size], **info}
     return results
 
 
@@ -163,18 +157,15 @@ def torchscale_step(batch: int) -> Callable[[], None]:
 
 def bench_torchscale(batch: int, rounds: int, memory: bool) -> dict:
     try:
-        theirs = torchscale_step(batch)
+        import torchscale  # noqa: F401
     except ImportError as e:
         return {"skipped": f"torchscale is not installed ({e}); pip install --no-deps torchscale==0.3.0 "
                            f"fairscale==0.4.0"}
-    seconds = _rounds({"ours": ours_step(batch), "torchscale": theirs}, rounds)
-    out = {"batch": batch, "tokens": 197 + 64, "seconds": {k: round(v, 4) for k, v in seconds.items()},
-           "time_ours_over_theirs": round(seconds["ours"] / seconds["torchscale"], 3)}
+    ours, theirs = (_child(kind, "beit3/base", batch, rounds, memory) for kind in ("ours", "torchscale"))
+    out = {"batch": batch, "tokens_per_sample": 197 + 64, "ours": ours, "torchscale": theirs,
+           "time_ours_over_theirs": round(ours["seconds_per_step"] / theirs["seconds_per_step"], 3)}
     if memory:
-        mem = {name: _in_child(name, "beit3/base", batch) for name in ("ours", "torchscale")}
-        out["peak_step_memory_mb"] = mem
-        if None not in mem.values():
-            out["memory_ours_over_theirs"] = round(mem["ours"] / mem["torchscale"], 3)
+        out["memory_ours_over_theirs"] = round(ours["peak_step_memory_mb"] / theirs["peak_step_memory_mb"], 3)
     return out
 
 
@@ -192,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if args.child:
         kind, name, batch = args.child
-        make = {"preset": lambda: preset_step(name, int(batch))[0], "ours": lambda: ours_step(int(batch)),
-                "torchscale": lambda: torchscale_step(int(batch))}[kind]
-        print(_peak_rise_mb(make()))
+        if kind == "preset":
+            print(json.dumps(preset_child(name, int(batch), args.rounds, not args.no_memory)))
+        else:
+            step = ours_step(int(batch)) if kind == "ours" else torchscale_step(int(batch))
+            print(json.dumps(measure(step, args.rounds, not args.no_memory)))
         return 0
     result = {"threads": args.threads, "presets": bench_presets(args.sizes, args.rounds, not args.no_memory)}
     if not args.no_torchscale:

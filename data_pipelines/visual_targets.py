@@ -41,8 +41,18 @@ from tqdm import tqdm
 
 from .images import BEIT3_MEAN, BEIT3_STD, pretrain_transform
 
-__all__ = ["KMeansCodebook", "PixelTargets", "VQKDTokenizer", "VisualTargets", "build_visual_targets",
-           "codebook_from_shards", "normalize_patches", "patchify", "train_kmeans_codebook"]
+__all__ = [
+    "KMeansCodebook",
+    "PixelTargets",
+    "VQKDTokenizer",
+    "VisualTargets",
+    "build_visual_targets",
+    "codebook_from_shards",
+    "codebook_patch_size",
+    "normalize_patches",
+    "patchify",
+    "train_kmeans_codebook",
+]
 
 log = logging.getLogger("data_pipelines")
 
@@ -158,6 +168,12 @@ class KMeansCodebook(VisualTargets):
 
 
 _CODEBOOK_KEY = "kmeans_codebook_patch_size"
+
+
+def codebook_patch_size(path: str | Path) -> int:
+    """The patch size a saved :class:`KMeansCodebook` was learned for (reads only the header)."""
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {})[_CODEBOOK_KEY])
 
 
 def _nearest_code(x_NC: Tensor, codebook_KC: Tensor) -> tuple[Tensor, Tensor]:

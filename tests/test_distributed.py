@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,15 @@ def _worker(rank: int, port: int, fn, args) -> None:
             torch.distributed.destroy_process_group()
 
 
-def run_ranks(fn, *args) -> None:
-    mp.start_processes(_worker, args=(free_port(), fn, args), nprocs=WORLD, start_method="spawn")
+def run_ranks(fn, *args, timeout: float = 240) -> None:
+    """``fn(rank, *args)`` in WORLD spawned processes; fails (and kills them) after ``timeout`` s."""
+    ctx = mp.start_processes(_worker, args=(free_port(), fn, args), nprocs=WORLD, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {timeout} s")
 
 
 def global_batches(cfg: mm.Config) -> list[LMBatch]:

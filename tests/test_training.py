@@ -270,3 +270,29 @@ def test_bf16_autocast_trains(tmp_path):
     records = train(config("beit3/xmoe_debug", "train.steps=4", "train.precision=bf16"), tmp_path,
                     progress=False).records
     assert all(isinstance(r["loss"], float) for r in records) and records[-1]["bad_steps"] == 0
+
+
+def test_bad_samples_are_skipped_and_reported_in_the_metrics(tmp_path):
+    import itertools
+
+    import webdataset as wds
+
+    from data_pipelines.shards import shard_urls
+    from data_pipelines.skips import SkipCounter
+    from data_pipelines.streams import tar_samples
+    from multimodal_moe.tasks import data_path
+
+    good = tar_samples(shard_urls(str(data_path("bundled:image_text/train"))), SkipCounter())
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    with wds.TarWriter(str(mixed / "shard-000000.tar"), encoder=False) as tar:
+        for i, sample in enumerate(itertools.islice(good, 60)):
+            tar.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+            if i % 6 == 0:
+                tar.write({"__key__": f"broken{i}", "png": b"\x89PNG not really", "txt": b"a caption"})
+                tar.write({"__key__": f"latin{i}", "png": sample.get("png", b""), "txt": "caf\xe9".encode("latin-1")})
+    cfg = config("beit3/debug", "train.steps=6", "train.log_every=3", f"task.image_text.shards=[{mixed}]")
+    records = train(cfg, tmp_path / "run", progress=False).records
+    skipped = records[-1]["skipped_samples"]["image_text"]
+    assert skipped.get("bad_utf8", 0) > 0 and skipped.get("corrupt_image", 0) > 0
+    assert all(r["bad_steps"] == 0 for r in records)

@@ -3,10 +3,12 @@
 import dataclasses
 import math
 
+from data_pipelines.visual_targets import codebook_patch_size
+
 from ..models import DecoderLMConfig, ModelConfig
 from .base import Task, TaskConfig, TaskOutput, TrainData, data_path, group_sizes
 from .lm import LanguageModeling, LanguageModelingConfig
-from .mmm import MaskedDataModeling, MaskedDataModelingConfig
+from .mmm import KMeansTargetsConfig, MaskedDataModeling, MaskedDataModelingConfig, PixelTargetsConfig
 from .streams import StreamConfig
 
 __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "Task",
@@ -16,8 +18,15 @@ __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "
 def default_task(model: ModelConfig) -> TaskConfig:
     """What a model trains on when its config names no task: causal LM for a decoder, masked
     data modeling for the Multiway encoder, both on the bundled dataset, with batch sizes
-    rounded up to a multiple of any Mixture-of-Tokens group size."""
-    task = LanguageModelingConfig() if isinstance(model, DecoderLMConfig) else MaskedDataModelingConfig()
+    rounded up to a multiple of any Mixture-of-Tokens group size. The encoder predicts the
+    bundled k-means codes when its patches have their size (8 pixels), else normalised pixels."""
+    if isinstance(model, DecoderLMConfig):
+        task = LanguageModelingConfig()
+    else:
+        targets = KMeansTargetsConfig()
+        if codebook_patch_size(data_path(targets.path)) != model.patch_size:
+            targets = PixelTargetsConfig()
+        task = MaskedDataModelingConfig(visual_targets=targets)
     multiple = math.lcm(1, *group_sizes(model).values())
     streams = {f.name: s for f in dataclasses.fields(task) if isinstance(s := getattr(task, f.name), StreamConfig)}
     return dataclasses.replace(task, **{name: dataclasses.replace(s, batch_size=-(-s.batch_size // multiple) * multiple)

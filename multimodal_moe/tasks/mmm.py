@@ -18,7 +18,7 @@ BEiT-3's pretraining code was never released; this follows the paper and BEiT v2
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,15 @@ from data_pipelines.mixer import PretrainMixer, PretrainStep
 from data_pipelines.processors import ImageProcessor, ImageTextProcessor, TextProcessor
 from data_pipelines.streams import derive_seed
 from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
-from data_pipelines.visual_targets import VisualTargets, build_visual_targets
+from data_pipelines.visual_targets import KMeansCodebook, PixelTargets, VisualTargets, VQKDTokenizer
 
-from ..configurable import ConfigError, Configurable, config
+from ..configurable import ConfigError, Configurable, Registry, config
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
 from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path
 from .streams import StreamConfig, TextStreamConfig, TokenizerConfig
 
-__all__ = ["MaskedDataModeling", "MaskedDataModelingConfig"]
+__all__ = ["KMeansTargetsConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "PixelTargetsConfig",
+           "VQKDTargetsConfig", "VisualTargetsConfig"]
 
 
 @config
@@ -55,32 +56,60 @@ class LossWeights(Configurable):
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
 
 
-@config
-class VisualTargetsConfig(Configurable):
-    """What masked patches are trained to predict (``data_pipelines.visual_targets``).
-
-    Attributes:
-        kind: kmeans (a codebook from ``mmoe data train-visual-codebook``) | vqkd (a BEiT v2
-            VQ-KD tokenizer file) | pixels (per-patch normalised pixels, MAE style).
-        path: the codebook or tokenizer file (not for pixels).
-    """
-
-    kind: Literal["kmeans", "vqkd", "pixels"] = "kmeans"
-    path: str | None = "bundled:visual_codebook.safetensors"
-
-    def check(self) -> None:
-        if self.kind != "pixels" and not self.path:
-            raise ConfigError("path", f"visual targets {self.kind!r} are read from a file; set path")
+class VisualTargetsConfig(Registry):
+    """What masked patches are trained to predict (``data_pipelines.visual_targets``); ``kind``
+    selects it: kmeans | vqkd | pixels."""
 
     def build(self, patch_size: int) -> VisualTargets:
-        path = None if self.kind == "pixels" else data_path(self.path)
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"visual targets file {self.path!r} not found (looked at {path})")
-        targets = build_visual_targets(self.kind, path=path, patch_size=patch_size)
-        if targets.patch_size != patch_size:
-            raise ConfigError("path", f"{self.path} gives targets for {targets.patch_size}-pixel patches, the model "
-                                      f"has {patch_size}-pixel patches")
-        return targets
+        raise NotImplementedError
+
+
+def _targets_file(path: str, what: str) -> Path:
+    resolved = data_path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{what} {path!r} not found (looked at {resolved})")
+    return resolved
+
+
+def _check_patch(targets: VisualTargets, patch_size: int, path: str) -> VisualTargets:
+    if targets.patch_size != patch_size:
+        raise ConfigError("path", f"{path} gives targets for {targets.patch_size}-pixel patches, the model has "
+                                  f"{patch_size}-pixel patches")
+    return targets
+
+
+@VisualTargetsConfig.register("kmeans")
+@config
+class KMeansTargetsConfig(VisualTargetsConfig):
+    """The nearest code of a k-means codebook (``mmoe data train-visual-codebook``); the default
+    is the bundled one, learned for 8-pixel patches."""
+
+    path: str = "bundled:visual_codebook.safetensors"
+
+    def build(self, patch_size: int) -> VisualTargets:
+        return _check_patch(KMeansCodebook.load(_targets_file(self.path, "codebook")), patch_size, self.path)
+
+
+@VisualTargetsConfig.register("vqkd")
+@config
+class VQKDTargetsConfig(VisualTargetsConfig):
+    """The codes of a BEiT v2 VQ-KD visual tokenizer (a published state dict file)."""
+
+    path: str
+
+    def build(self, patch_size: int) -> VisualTargets:
+        return _check_patch(VQKDTokenizer.load(_targets_file(self.path, "VQ-KD tokenizer")), patch_size, self.path)
+
+
+@VisualTargetsConfig.register("pixels")
+@config
+class PixelTargetsConfig(VisualTargetsConfig):
+    """The patch's pixels, each patch standardised when ``normalize`` (MAE's norm_pix_loss)."""
+
+    normalize: bool = True
+
+    def build(self, patch_size: int) -> VisualTargets:
+        return PixelTargets(patch_size, self.normalize)
 
 
 @TaskConfig.register("mmm")
@@ -104,7 +133,7 @@ class MaskedDataModelingConfig(TaskConfig):
     text: TextStreamConfig | None = TextStreamConfig(shards=("bundled:text/train",))
     image_text: TextStreamConfig | None = TextStreamConfig(shards=("bundled:image_text/train",), max_len=32)
     tokenizer: TokenizerConfig = TokenizerConfig()
-    visual_targets: VisualTargetsConfig = VisualTargetsConfig()
+    visual_targets: VisualTargetsConfig = KMeansTargetsConfig()
     image_mask_ratio: float = 0.4
     text_mask_ratio: float = TEXT_MASK_RATIO
     image_text_mask_ratio: float = IMAGE_TEXT_MASK_RATIO
