@@ -39,7 +39,7 @@ class TrainConfig(Configurable):
         clip_grad: clip the global gradient norm to this; null disables clipping.
         precision: auto (bf16 autocast on a GPU that supports it, fp32 otherwise) | fp32 | bf16.
         ema_decay: keep an exponential moving average of the weights (timm ModelEmaV3); 0 disables it.
-        compile: wrap the task in ``torch.compile``.
+        compile: compile the backbone with ``torch.compile`` (heads and losses stay eager).
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N ...
         num_workers: data loader worker processes per stream.
         log_every: steps between lines of ``metrics.jsonl`` (values are averaged over them).

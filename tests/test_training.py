@@ -296,3 +296,12 @@ def test_bad_samples_are_skipped_and_reported_in_the_metrics(tmp_path):
     skipped = records[-1]["skipped_samples"]["image_text"]
     assert skipped.get("bad_utf8", 0) > 0 and skipped.get("corrupt_image", 0) > 0
     assert all(r["bad_steps"] == 0 for r in records)
+
+
+def test_compiled_backbone_trains_like_the_eager_one(tmp_path):
+    eager = train(config("lm/debug", "train.steps=3"), tmp_path / "eager", progress=False).records
+    compiled = train(config("lm/debug", "train.steps=3", "train.compile=true"), tmp_path / "compiled",
+                     progress=False).records
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
+    assert set(load_file(tmp_path / "compiled/checkpoints/latest/model.safetensors")) == \
+        set(load_file(tmp_path / "eager/checkpoints/latest/model.safetensors"))

@@ -181,7 +181,9 @@ class Trainer:
             self.log.truncate(after_step=0)
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.call = torch.compile(self.parallel.module) if tc.compile else self.parallel.module
+        if tc.compile:  # the backbone, in place (parameter names unchanged); heads and losses stay eager
+            task.model.compile()
+        self.call = self.parallel.module
         self.clip = tc.clip_grad if tc.clip_grad is not None else math.inf
 
     # -- one step ----------------------------------------------------------------------------
