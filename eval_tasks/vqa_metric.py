@@ -19,10 +19,11 @@ questions (the official breakdown uses the loop's last value, a known bug).
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-__all__ = ["normalize_answer", "process_digit_article", "process_punctuation", "vqa_accuracy", "vqa_report"]
+__all__ = ["normalize_answer", "process_digit_article", "process_punctuation", "vqa_accuracy", "vqa_baselines",
+           "vqa_report"]
 
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                 "?", "!")
@@ -108,3 +109,18 @@ def vqa_report(predictions: Sequence[str], answers: Sequence[Sequence[str]],
             per_type[t].append(s)
         out["per_question_type"] = {t: 100 * sum(v) / len(v) for t, v in sorted(per_type.items())}
     return out
+
+
+def vqa_baselines(answers: Sequence[Sequence[str]], vocabulary: Sequence[str]) -> dict:
+    """Two reference points for a model's accuracy on these questions (x 100):
+    ``majority``: always answering the most common majority answer of the questions;
+    ``chance``: answering a uniformly random vocabulary entry (its expected accuracy)."""
+    heads = Counter(Counter(normalize_answer(a) for a in row).most_common(1)[0][0] for row in answers if row)
+    majority = heads.most_common(1)[0][0] if heads else ""
+    vocab = {normalize_answer(v) for v in vocabulary}
+    # only answers some annotator gave can score: sum those, divide by the vocabulary size
+    chance = [sum(vqa_accuracy(a, row) for a in {normalize_answer(x) for x in row} & vocab) / max(len(vocab), 1)
+              for row in answers]
+    return {"majority_answer": majority,
+            "majority_vqa_accuracy": vqa_report([majority] * len(answers), answers)["vqa_accuracy"],
+            "chance_vqa_accuracy": 100 * sum(chance) / max(len(chance), 1)}

@@ -1,6 +1,8 @@
 """The ``mmoe`` command line.
 
     mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume]   train a task
+    mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
+    mmoe evaluate --checkpoint CKPT               results.json and plots of a fine-tuned checkpoint
     mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,10 +78,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None) -> int:
+    """Run ``cfg``'s training into ``args.run_dir`` (default ``runs/<preset>-<time>``); the exit code."""
     from .training import CheckpointError, TrainingDiverged, train
 
-    cfg = load_config(args.config, args.set)
     distributed, main_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0)) == 0
     if args.run_dir is None:
         if args.resume or distributed:
@@ -86,23 +89,79 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             return 2
         args.run_dir = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if main_rank:
-        print(f"pretrain {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {args.run_dir}",
+        print(f"{command} {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {args.run_dir}",
               file=sys.stderr)
     try:
-        result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress, init=init)
     except (CheckpointError, TrainingDiverged) as e:
         print(f"mmoe: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nmmoe: interrupted; continue with: mmoe pretrain --config {args.config} --run-dir {args.run_dir} "
-              f"--resume", file=sys.stderr)
+        print(f"\nmmoe: interrupted; continue with the same command and --run-dir {args.run_dir} --resume",
+              file=sys.stderr)
         return 130
-    if not main_rank:
-        return 0
-    first, last = result.records[0], result.records[-1]
-    print(f"done: {result.step} steps, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
-          f"(step {last['step']}); checkpoint {Path(args.run_dir) / 'checkpoints' / 'latest'}; "
-          f"plots: mmoe inspect {args.run_dir}")
+    if main_rank:
+        first, last = result.records[0], result.records[-1]
+        print(f"done: {result.step} steps, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
+              f"(step {last['step']}); checkpoint {Path(args.run_dir) / 'checkpoints' / 'latest'}; "
+              f"plots: mmoe inspect {args.run_dir}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    return _train(args, load_config(args.config, args.set), "pretrain")
+
+
+def _evaluate(checkpoint, cfg, out_dir: Path, progress: bool) -> dict:
+    """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``."""
+    from .training import build_task
+    from .training.checkpoint import load_weights, task_states
+
+    task = build_task(cfg)
+    checkpoint.load_model_into(task.model)
+    heads = checkpoint.weights("heads.safetensors")
+    expected = set(task_states(task)[1])
+    if set(heads) != expected:
+        raise ValueError(f"{checkpoint.path} holds heads {sorted(heads) or 'none'}, the {cfg.task.kind} task needs "
+                         f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {checkpoint.path})")
+    load_weights(task, {**{f"model.{k}": v for k, v in task.model.state_dict().items()}, **heads},
+                 str(checkpoint.path))
+    results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path),
+               **task.evaluate(out_dir, progress=progress)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _summary(results: dict) -> str:
+    keys = [k for k in ("vqa_accuracy", "i2t_r1", "t2i_r1", "r_mean", "perplexity") if k in results]
+    return ", ".join(f"{k} {results[k]:.2f}" for k in keys)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .training import Checkpoint
+
+    cfg = load_config(args.config, args.set)
+    if args.init is not None:  # the backbone as it was pretrained, whatever its FFN kinds
+        cfg = dataclasses.replace(cfg, model=Checkpoint.open(args.init).config.model)
+    code = _train(args, cfg, "finetune", init=args.init)
+    if code or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return code
+    results = _evaluate(Checkpoint.open(args.run_dir), cfg, Path(args.run_dir), progress=not args.no_progress)
+    print(f"evaluation: {_summary(results)}; {Path(args.run_dir) / 'results.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training import Checkpoint
+
+    checkpoint = Checkpoint.open(args.checkpoint)
+    cfg = checkpoint.config
+    if args.config is not None:
+        cfg = dataclasses.replace(load_config(args.config, args.set), model=cfg.model)
+    out_dir = Path(args.out) if args.out else checkpoint.path.parent.parent
+    results = _evaluate(checkpoint, cfg, out_dir, progress=not args.no_progress)
+    print(f"evaluation: {_summary(results)}; {out_dir / 'results.json'}")
     return 0
 
 
@@ -135,6 +194,24 @@ def parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(run=cmd_pretrain)
 
+    finetune = sub.add_parser("finetune", help="fine-tune a task (vqa, retrieval) from a checkpoint, then evaluate")
+    finetune.add_argument("--config", required=True, help="a configs/finetune preset or file")
+    finetune.add_argument("--init", default=None, help="checkpoint whose backbone to start from (default: random "
+                                                       "init, the baseline)")
+    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    finetune.add_argument("--run-dir", default=None)
+    finetune.add_argument("--resume", action="store_true")
+    finetune.add_argument("--no-progress", action="store_true")
+    finetune.set_defaults(run=cmd_finetune)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes results.json and plots")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--config", default=None, help="task config (default: the checkpoint's own)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--out", default=None, help="output folder (default: the checkpoint's run dir)")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
+
     inspect = sub.add_parser("inspect", help="summarise a run: table of losses and expert load, PNG plots")
     inspect.add_argument("run_dir")
     inspect.add_argument("--no-plots", action="store_true", help="only print the summary")
@@ -164,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import eval_tasks  # noqa: F401  (registers the fine-tuning task kinds, so their configs load)
+
     args = parser().parse_args(argv)
     try:
         return args.run(args)

@@ -71,3 +71,13 @@ def test_recall_matches_brute_force(chunk):
 def test_recall_rejects_bad_owners():
     with pytest.raises(ValueError, match="outside"):
         retrieval_recall(torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, 3]))
+
+
+def test_baselines():
+    from eval_tasks.vqa_metric import vqa_baselines
+
+    answers = [["yes"] * 10, ["no"] * 10, ["yes"] * 7 + ["no"] * 3]
+    out = vqa_baselines(answers, ["yes", "no", "cat"])
+    assert out["majority_answer"] == "yes"
+    assert out["majority_vqa_accuracy"] == pytest.approx(100 * (1 + 0 + 1) / 3)
+    assert out["chance_vqa_accuracy"] == pytest.approx(100 * (1 / 3 + 1 / 3 + (1 + 0.9) / 3) / 3)

@@ -66,7 +66,8 @@ def test_every_preset_documents_itself_and_its_launch_command(name):
             break
         header.append(line)
     assert len(header) >= 2, f"{name} needs a comment header saying what it is"
-    assert any(line.startswith(f"# Launch: mmoe pretrain --config configs/{name}.yaml") for line in header)
+    command = "finetune" if name.startswith("finetune/") else "pretrain"
+    assert any(line.startswith(f"# Launch: mmoe {command} --config configs/{name}.yaml") for line in header)
 
 
 def test_cli_smoke_runs_the_default_preset(capsys):

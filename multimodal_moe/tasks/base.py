@@ -114,6 +114,15 @@ class Task(nn.Module):
         """This task's training stream for one rank; every random choice derives from ``seed``."""
         raise NotImplementedError
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameter name -> learning-rate multiplier (e.g. a fine-tuning head's); others 1."""
+        return {}
+
+    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False
+                 ) -> dict[str, Any]:
+        """Metrics on the task's held-out data (and files for ``out_dir``); not every task has them."""
+        raise NotImplementedError(f"the {type(self).__name__} task has no evaluation")
+
     def uses_every_parameter(self) -> bool:
         """Whether every step's loss depends on every parameter (else DDP must look for unused ones)."""
         return True

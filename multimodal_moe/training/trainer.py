@@ -97,6 +97,26 @@ def build_task(cfg: Config) -> Task:
         return task_cfg.build(model)
 
 
+def _scale_lrs(optimizer: torch.optim.Optimizer, task: Task) -> torch.optim.Optimizer:
+    """The optimizer with the task's ``lr_scales`` applied: each group split into the scaled
+    parameters (``lr_scale`` multiplied, which timm's schedulers apply) and the rest."""
+    scales = task.lr_scales()
+    if not scales:
+        return optimizer
+    by_id = {id(p): scales[n] for n, p in task.named_parameters() if n in scales}
+    groups = []
+    for group in optimizer.param_groups:
+        split: dict[float, list] = {}
+        for p in group["params"]:
+            split.setdefault(by_id.get(id(p), 1.0), []).append(p)
+        for scale, params in split.items():
+            groups.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * scale})
+    optimizer.param_groups.clear()  # before any step: there is no state to carry over
+    for group in groups:
+        optimizer.add_param_group(group)
+    return optimizer
+
+
 def _numbers(tree: Any, out: list[float]) -> None:
     if isinstance(tree, dict):
         for v in tree.values():
@@ -138,13 +158,16 @@ class Trainer:
             match ``cfg``'s, saved at the same world size); without it, a run dir that already
             has checkpoints is refused.
         progress: show a progress bar (rank 0).
+        init: a checkpoint whose backbone weights replace the initial ones (fine-tuning); its
+            model config must equal ``cfg.model``. Ignored when resuming.
 
     Raises:
         CheckpointError: ``resume`` without a readable checkpoint, or one that does not fit.
         FileExistsError: a fresh run into a run dir that has checkpoints.
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 init: str | Path | None = None):
         tc = self.tc = cfg.train
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
@@ -161,12 +184,18 @@ class Trainer:
         if env.device.type == "cpu":
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(tc.precision, env.device)
-        self.task = task = build_task(cfg).to(env.device)
+        self.task = task = build_task(cfg)
+        if init is not None and checkpoint is None:
+            start = Checkpoint.open(init)
+            start.check_compatible(cfg, sections=("model",))
+            start.load_model_into(task.model)
+        task.to(env.device)
         torch.manual_seed(cfg.seed + env.rank)
         self.parallel = parallelize(task, env, data_parallel=tc.data_parallel, expert_parallel=tc.expert_parallel,
                                     find_unused_parameters=not task.uses_every_parameter())
-        self.optimizer = create_optimizer_v2(task, opt="adamw", lr=tc.lr, weight_decay=tc.weight_decay,
-                                             betas=tuple(tc.betas), eps=tc.eps, layer_decay=tc.layer_decay)
+        self.optimizer = _scale_lrs(create_optimizer_v2(task, opt="adamw", lr=tc.lr, weight_decay=tc.weight_decay,
+                                                        betas=tuple(tc.betas), eps=tc.eps,
+                                                        layer_decay=tc.layer_decay), task)
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=tc.steps - tc.warmup_steps, lr_min=tc.min_lr,
                                            warmup_t=tc.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
                                            t_in_epochs=False)
@@ -217,7 +246,8 @@ class Trainer:
             self.bad_in_a_row = 0
             for out in outputs:
                 self.meter.add_output(out, len(outputs))
-            self.meter.add_step(loss, float(grad_norm), max(g["lr"] for g in self.optimizer.param_groups))
+            self.meter.add_step(loss, float(grad_norm),
+                                max(g["lr"] / g.get("lr_scale", 1.0) for g in self.optimizer.param_groups))
         else:
             self.bad_steps += 1
             self.bad_in_a_row += 1
@@ -373,7 +403,8 @@ class Trainer:
             self.log.truncate(after_step=self.step)
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          init: str | Path | None = None) -> TrainResult:
     """Train ``cfg.task`` (or the model's default task) for ``cfg.train.steps`` steps; see
     :class:`Trainer` for the arguments and errors."""
-    return Trainer(cfg, run_dir, resume=resume, progress=progress).fit()
+    return Trainer(cfg, run_dir, resume=resume, progress=progress, init=init).fit()

@@ -1,0 +1,194 @@
+"""VQA fine-tuning and evaluation in the VQAv2 protocol, as BEiT-3 does it.
+
+Image as a Foreign Language (BEiT-3, arXiv 2208.10442), section 3.2 and unilm's ``beit3``
+VQA handler:
+
+- the image and the question are encoded jointly by the Multiway encoder;
+- pooler: the image CLS token -> LayerNorm -> Linear -> tanh; head: Linear(D -> 2D) ->
+  LayerNorm -> GELU -> Linear(-> A answers);
+- targets: VQAv2 soft scores (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / >= 4 of the 10 annotators);
+  loss ``BCEWithLogits`` summed over answers, averaged over the batch;
+- answer vocabulary: the most common answer of each training question, normalised, kept if it
+  heads at least ``min_answer_count`` questions (3129 answers at 9 on VQAv2); questions
+  without an answer in the vocabulary still train (all-zero targets) and are scored;
+- metric: the official VQA accuracy (:mod:`eval_tasks.vqa_metric`), overall and per question type.
+
+Deviation: answers are normalised with the official evaluation's rules for the vocabulary too
+(ViLT and BEiT-3 use a slightly different punctuation list there).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipelines.batches import VQABatch
+from data_pipelines.images import eval_transform, finetune_transform
+from data_pipelines.processors import VQAProcessor
+from data_pipelines.shards import shard_urls
+from data_pipelines.skips import SkipCounter, decode_json
+from data_pipelines.streams import ShardStream, StreamLoader, derive_seed, tar_samples
+from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
+from multimodal_moe.tasks.base import Task, TaskConfig, TaskOutput, data_path
+from multimodal_moe.tasks.streams import SingleStream, TextStreamConfig, TokenizerConfig
+
+from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
+
+__all__ = ["VQA", "VQAConfig", "build_answer_vocab"]
+
+
+def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
+    """The normalised majority answer of each question in ``shards``, kept if it is the majority
+    answer of at least ``min_count`` questions; most frequent first, ties alphabetical."""
+    counts: Counter[str] = Counter()
+    for shard_set in shards:
+        for sample in tar_samples(shard_urls(str(data_path(shard_set))), SkipCounter()):
+            if "json" not in sample:
+                continue
+            record = decode_json(sample["json"], "answers")
+            answers = [normalize_answer(str(a)) for a in record["answers"]]
+            if answers:
+                counts[Counter(answers).most_common(1)[0][0]] += 1
+    return sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
+
+
+@TaskConfig.register("vqa")
+@config
+class VQAConfig(TaskConfig):
+    """VQA fine-tuning; see the module docstring.
+
+    Attributes:
+        train: the training stream (``max_len``: longest question in tokens).
+        eval_shards: the held-out split scored by :meth:`VQA.evaluate`.
+        eval_batch_size: questions per evaluation batch.
+        tokenizer: the sentencepiece model.
+        min_answer_count: questions an answer must head to enter the vocabulary.
+        head_lr_scale: learning-rate multiplier of the pooler and head (BEiT-3: 20).
+        crop_scale: area range of the training crop (BEiT-3: 0.5-1).
+    """
+
+    train: TextStreamConfig = TextStreamConfig(shards=("bundled:vqa/train",), batch_size=32, max_len=32)
+    eval_shards: tuple[str, ...] = ("bundled:vqa/val",)
+    eval_batch_size: int = 64
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    min_answer_count: int = 1
+    head_lr_scale: float = 20.0
+    crop_scale: tuple[float, ...] = (0.5, 1.0)
+
+    def check(self) -> None:
+        if self.min_answer_count < 1 or self.eval_batch_size < 1 or self.head_lr_scale <= 0:
+            raise ConfigError("min_answer_count", "min_answer_count and eval_batch_size must be >= 1 and "
+                                                  "head_lr_scale > 0")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError("crop_scale", f"must be [low, high] in (0, 1], got {list(self.crop_scale)}")
+
+    def check_model(self, model: ModelConfig) -> None:
+        if not isinstance(model, MultiwayEncoderConfig):
+            raise ConfigError("kind", f"VQA fine-tunes a multiway_encoder, not a {model.kind}")
+        if self.train.max_len > model.max_text_len:
+            raise ConfigError("train.max_len", f"{self.train.max_len} exceeds the model's max_text_len "
+                                               f"{model.max_text_len}")
+
+    def build(self, model: nn.Module) -> VQA:
+        return VQA(self, model)
+
+
+class VQA(Task):
+    """The ``vqa`` task: pooler and answer classifier over the joint encoding."""
+
+    def __init__(self, cfg: VQAConfig, model: nn.Module):
+        super().__init__(model)
+        cfg.check_model(model.cfg)
+        self.cfg = cfg
+        self.tokenizer = cfg.tokenizer.load()
+        self.answers = build_answer_vocab(list(cfg.train.shards), cfg.min_answer_count)
+        if not self.answers:
+            raise ValueError(f"no answer of {list(cfg.train.shards)} heads {cfg.min_answer_count} questions; "
+                             f"lower task.min_answer_count")
+        D = model.cfg.dim
+        self.pooler = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(),
+                                  nn.Linear(2 * D, len(self.answers)))
+        for m in [*self.pooler, *self.head]:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def lr_scales(self) -> dict[str, float]:
+        return {n: self.cfg.head_lr_scale for n, _ in self.named_parameters() if n.startswith(("pooler.", "head."))}
+
+    def logits(self, batch: VQABatch) -> torch.Tensor:
+        out = self.model(images=batch.images_B3HW, text_ids=batch.text_ids_BL, text_padding_mask=batch.padding_mask_BL)
+        return self.head(self.pooler(out.hidden[:, 0])).float(), out
+
+    def forward(self, batch: VQABatch) -> TaskOutput:
+        logits_BA, out = self.logits(batch)
+        targets_BA = batch.targets_BA
+        loss = F.binary_cross_entropy_with_logits(logits_BA, targets_BA, reduction="sum") / len(batch)
+        score = targets_BA.gather(1, logits_BA.argmax(1, keepdim=True)).mean()  # VQAScore of the argmax
+        tokens = out.hidden.shape[0] * out.hidden.shape[1] if out.token_mask is None else int(out.token_mask.sum())
+        return TaskOutput(loss + out.aux_loss, {"vqa_loss": loss.detach(), "vqa_score": score,
+                                                "aux_loss": out.aux_loss.detach()},
+                          samples=len(batch), tokens=tokens, moe_stats=[out.moe_stats])
+
+    def _processor(self, train: bool) -> VQAProcessor:
+        size = self.model.cfg.image_size
+        transform = finetune_transform(size, scale=tuple(self.cfg.crop_scale)) if train else eval_transform(size)
+        return VQAProcessor(self.tokenizer, transform, self.cfg.train.max_len,
+                            answer_vocab={a: i for i, a in enumerate(self.answers)}, normalize_answer=normalize_answer)
+
+    def train_data(self, *, seed: int, num_workers: int) -> SingleStream:
+        return SingleStream("vqa", self.cfg.train.loader(self._processor(True), seed=derive_seed(seed, 0),
+                                                          num_workers=num_workers))
+
+    @torch.no_grad()
+    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
+        """VQA accuracy on ``eval_shards`` (this rank's share), predictions ``{question_id,
+        answer}`` to ``out_dir/vqa_predictions.json`` and accuracy per question type to
+        ``out_dir/plots/vqa_accuracy_per_type.png``."""
+        self.eval()
+        stream = ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self._processor(False),
+                             batch_size=self.cfg.eval_batch_size, resampled=False)
+        device = next(self.parameters()).device
+        predictions, answers, types, ids = [], [], [], []
+        for batch in StreamLoader(stream, num_workers=num_workers):
+            logits_BA, _ = self.logits(batch.to(device))
+            predictions += [self.answers[i] for i in logits_BA.argmax(1).tolist()]
+            answers += batch.answers
+            types += batch.question_types
+            ids += batch.question_ids
+        report = vqa_report(predictions, answers, types)
+        report["baselines"] = vqa_baselines(answers, self.answers)
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "vqa_predictions.json").write_text(json.dumps(
+                [{"question_id": q, "answer": a} for q, a in zip(ids, predictions)]))
+            _plot_per_type(report["per_question_type"], out_dir / "plots" / "vqa_accuracy_per_type.png")
+        self.train()
+        return report
+
+
+def _plot_per_type(per_type: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(per_type) + 1.2))
+    names = list(per_type)
+    ax.barh(names, [per_type[n] for n in names], color="tab:blue")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("VQA accuracy (%)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""Fine-tuning tasks end to end: from a pretraining checkpoint of any FFN kind, or from random
+weights, to results.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import multimodal_moe as mm
+from eval_tasks.vqa import build_answer_vocab
+from eval_tasks.vqa_metric import normalize_answer
+from multimodal_moe.cli import main
+from multimodal_moe.training import build_task
+
+FAST = ["--set=train.steps=3", "--set=train.warmup_steps=1", "--set=train.log_every=1", "--set=train.num_workers=0",
+        "--set=train.checkpoint_every=3"]
+VQA_FAST = [*FAST, "--set=task.train.batch_size=8", "--set=task.train.shuffle_buffer=20"]
+
+
+def test_answer_vocabulary_is_normalised_and_ordered():
+    vocab = build_answer_vocab(["bundled:vqa/train"], 1)
+    assert vocab[:2] == ["no", "yes"] and "four" not in vocab and "4" in vocab
+    assert all(normalize_answer(a) == a for a in vocab)
+    assert len(build_answer_vocab(["bundled:vqa/train"], 20)) < len(vocab)
+
+
+def test_vqa_loss_is_bce_summed_over_answers_and_averaged_over_the_batch():
+    cfg = mm.load_config("finetune/vqa_debug", ["task.train.batch_size=4"])
+    task = build_task(cfg)
+    batch = next(iter(task.train_data(seed=0, num_workers=0)))
+    out = task(batch)
+    logits, _ = task.logits(batch)
+    p, y = logits.sigmoid(), batch.targets_BA
+    manual = -(y * p.log() + (1 - y) * (1 - p).log()).sum() / len(batch)
+    assert out.parts["vqa_loss"] == pytest.approx(manual.item(), rel=1e-4)
+    assert set(y.unique().tolist()) <= {0.0, 0.3, 0.6, 0.9, 1.0} and (y > 0).any()
+
+
+def test_vqa_head_learns_at_its_own_rate(tmp_path):
+    from multimodal_moe.training import Trainer
+
+    trainer = Trainer(mm.load_config("finetune/vqa_debug", ["train.num_workers=0"]), tmp_path, progress=False)
+    scales = {id(p): g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    params = dict(trainer.task.named_parameters())
+    assert scales[id(params["head.3.weight"])] == 20.0 and scales[id(params["pooler.1.weight"])] == 20.0
+    assert scales[id(params["model.text_embed.tokens.weight"])] == 1.0
+
+
+@pytest.mark.parametrize("pretrain_preset", [None, "beit3/mhmoe_debug"])
+def test_vqa_finetune_writes_results(tmp_path, capsys, pretrain_preset):
+    init = []
+    if pretrain_preset is not None:  # a pretraining checkpoint of another FFN kind than the finetune preset's
+        assert main(["pretrain", "--config", pretrain_preset, "--run-dir", str(tmp_path / "pre"), "--no-progress",
+                     *FAST, "--set=task.image.batch_size=8", "--set=task.text.batch_size=8",
+                     "--set=task.image_text.batch_size=8"]) == 0
+        init = ["--init", str(tmp_path / "pre")]
+    run = tmp_path / "ft"
+    assert main(["finetune", "--config", "finetune/vqa_debug", "--run-dir", str(run), "--no-progress", *init,
+                 *VQA_FAST]) == 0
+    assert "vqa_accuracy" in capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == "vqa" and results["questions"] == 472
+    assert 0 <= results["vqa_accuracy"] <= 100 and len(results["per_question_type"]) == 7
+    assert results["baselines"]["majority_answer"] == "no"
+    predictions = json.loads((run / "vqa_predictions.json").read_text())
+    assert len(predictions) == 472 and set(predictions[0]) == {"question_id", "answer"}
+    assert (run / "plots" / "vqa_accuracy_per_type.png").stat().st_size > 1000
+    if pretrain_preset is not None:
+        from multimodal_moe.training import Trainer
+
+        pretrained = mm.load_checkpoint(tmp_path / "pre")
+        assert mm.load_checkpoint(run).cfg == pretrained.cfg  # the model came from the checkpoint
+        cfg = mm.load_config("finetune/vqa_debug", ["train.num_workers=0"])
+        start = Trainer(mm.Config(model=pretrained.cfg, task=cfg.task, train=cfg.train), tmp_path / "start",
+                        progress=False, init=tmp_path / "pre").task.model.state_dict()
+        assert all(torch.equal(start[k], v) for k, v in pretrained.state_dict().items())
+
+    # evaluate again from the checkpoint alone: the same numbers
+    assert main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["vqa_accuracy"] == results["vqa_accuracy"]
+
+
+def test_evaluate_refuses_a_checkpoint_without_the_task_head(tmp_path, capsys):
+    assert main(["pretrain", "--config", "beit3/debug", "--run-dir", str(tmp_path), "--no-progress", *FAST,
+                 "--set=task.image.batch_size=8", "--set=task.text.batch_size=8",
+                 "--set=task.image_text.batch_size=8"]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--config", "finetune/vqa_debug"]) == 2
+    assert "fine-tune it first" in capsys.readouterr().err
