@@ -5,6 +5,7 @@ Importing it registers its task kinds (``vqa``, ...) with :class:`multimodal_moe
 so that configs naming them load; the ``mmoe`` command line does so itself.
 """
 
+from .retrieval import Retrieval, RetrievalConfig
 from .vqa import VQA, VQAConfig
 
-__all__ = ["VQA", "VQAConfig"]
+__all__ = ["VQA", "Retrieval", "RetrievalConfig", "VQAConfig"]

@@ -29,16 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.batches import VQABatch
-from data_pipelines.images import eval_transform, finetune_transform
 from data_pipelines.processors import VQAProcessor
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, decode_json
-from data_pipelines.streams import ShardStream, StreamLoader, derive_seed, tar_samples
+from data_pipelines.streams import tar_samples
 from multimodal_moe.configurable import ConfigError, config
-from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
-from multimodal_moe.tasks.base import Task, TaskConfig, TaskOutput, data_path
-from multimodal_moe.tasks.streams import SingleStream, TextStreamConfig, TokenizerConfig
+from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
+from multimodal_moe.tasks.streams import TextStreamConfig
 
+from .finetune import ImageTextFinetune, ImageTextFinetuneConfig
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
 __all__ = ["VQA", "VQAConfig", "build_answer_vocab"]
@@ -61,53 +60,36 @@ def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
 
 @TaskConfig.register("vqa")
 @config
-class VQAConfig(TaskConfig):
-    """VQA fine-tuning; see the module docstring.
+class VQAConfig(ImageTextFinetuneConfig):
+    """VQA fine-tuning; see the module docstring. Fields beyond :class:`ImageTextFinetuneConfig`
+    (``train.max_len``: the longest question):
 
     Attributes:
-        train: the training stream (``max_len``: longest question in tokens).
-        eval_shards: the held-out split scored by :meth:`VQA.evaluate`.
-        eval_batch_size: questions per evaluation batch.
-        tokenizer: the sentencepiece model.
         min_answer_count: questions an answer must head to enter the vocabulary.
         head_lr_scale: learning-rate multiplier of the pooler and head (BEiT-3: 20).
-        crop_scale: area range of the training crop (BEiT-3: 0.5-1).
     """
 
     train: TextStreamConfig = TextStreamConfig(shards=("bundled:vqa/train",), batch_size=32, max_len=32)
     eval_shards: tuple[str, ...] = ("bundled:vqa/val",)
-    eval_batch_size: int = 64
-    tokenizer: TokenizerConfig = TokenizerConfig()
     min_answer_count: int = 1
     head_lr_scale: float = 20.0
-    crop_scale: tuple[float, ...] = (0.5, 1.0)
 
     def check(self) -> None:
-        if self.min_answer_count < 1 or self.eval_batch_size < 1 or self.head_lr_scale <= 0:
-            raise ConfigError("min_answer_count", "min_answer_count and eval_batch_size must be >= 1 and "
-                                                  "head_lr_scale > 0")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError("crop_scale", f"must be [low, high] in (0, 1], got {list(self.crop_scale)}")
-
-    def check_model(self, model: ModelConfig) -> None:
-        if not isinstance(model, MultiwayEncoderConfig):
-            raise ConfigError("kind", f"VQA fine-tunes a multiway_encoder, not a {model.kind}")
-        if self.train.max_len > model.max_text_len:
-            raise ConfigError("train.max_len", f"{self.train.max_len} exceeds the model's max_text_len "
-                                               f"{model.max_text_len}")
+        ImageTextFinetuneConfig.check(self)
+        if self.min_answer_count < 1:
+            raise ConfigError("min_answer_count", f"must be >= 1, got {self.min_answer_count}")
+        if self.head_lr_scale <= 0:
+            raise ConfigError("head_lr_scale", f"must be positive, got {self.head_lr_scale}")
 
     def build(self, model: nn.Module) -> VQA:
         return VQA(self, model)
 
 
-class VQA(Task):
+class VQA(ImageTextFinetune):
     """The ``vqa`` task: pooler and answer classifier over the joint encoding."""
 
     def __init__(self, cfg: VQAConfig, model: nn.Module):
-        super().__init__(model)
-        cfg.check_model(model.cfg)
-        self.cfg = cfg
-        self.tokenizer = cfg.tokenizer.load()
+        super().__init__(cfg, model)
         self.answers = build_answer_vocab(list(cfg.train.shards), cfg.min_answer_count)
         if not self.answers:
             raise ValueError(f"no answer of {list(cfg.train.shards)} heads {cfg.min_answer_count} questions; "
@@ -138,15 +120,9 @@ class VQA(Task):
                                                 "aux_loss": out.aux_loss.detach()},
                           samples=len(batch), tokens=tokens, moe_stats=[out.moe_stats])
 
-    def _processor(self, train: bool) -> VQAProcessor:
-        size = self.model.cfg.image_size
-        transform = finetune_transform(size, scale=tuple(self.cfg.crop_scale)) if train else eval_transform(size)
-        return VQAProcessor(self.tokenizer, transform, self.cfg.train.max_len,
+    def processor(self, train: bool) -> VQAProcessor:
+        return VQAProcessor(self.tokenizer, self.transform(train), self.cfg.train.max_len,
                             answer_vocab={a: i for i, a in enumerate(self.answers)}, normalize_answer=normalize_answer)
-
-    def train_data(self, *, seed: int, num_workers: int) -> SingleStream:
-        return SingleStream("vqa", self.cfg.train.loader(self._processor(True), seed=derive_seed(seed, 0),
-                                                          num_workers=num_workers))
 
     @torch.no_grad()
     def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
@@ -154,11 +130,9 @@ class VQA(Task):
         answer}`` to ``out_dir/vqa_predictions.json`` and accuracy per question type to
         ``out_dir/plots/vqa_accuracy_per_type.png``."""
         self.eval()
-        stream = ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self._processor(False),
-                             batch_size=self.cfg.eval_batch_size, resampled=False)
         device = next(self.parameters()).device
         predictions, answers, types, ids = [], [], [], []
-        for batch in StreamLoader(stream, num_workers=num_workers):
+        for batch in self.eval_batches(num_workers):
             logits_BA, _ = self.logits(batch.to(device))
             predictions += [self.answers[i] for i in logits_BA.argmax(1).tolist()]
             answers += batch.answers

@@ -4,6 +4,7 @@ sharded checkpoint saved at world size 2 resumes exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,6 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import multimodal_moe as mm
-from data_pipelines.batches import LMBatch
 from multimodal_moe.distributed.expert_parallel import ExpertParallelExperts
 from multimodal_moe.training import Trainer
 
@@ -27,6 +27,7 @@ WORLD = 2
 STEPS = 3
 BASE = ["train.num_workers=0", "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
         "task.text.batch_size=8", "task.text.max_len=32", "task.text.shuffle_buffer=20"]
+RETRIEVAL = [*BASE[:4], "task.train.batch_size=8", "task.train.shuffle_buffer=20"]
 # Routing statistics (balance loss, capacity) are per rank by design, as in GShard; without them
 # a sharded MoE step is the same computation as one process's.
 MOE_EXACT = ["model.moe_ffn.capacity_factor=null", "model.moe_ffn.balance_loss_weight=0.0",
@@ -61,19 +62,29 @@ def run_ranks(fn, *args, timeout: float = 240) -> None:
             pytest.fail(f"the {WORLD} ranks did not finish within {timeout} s")
 
 
-def global_batches(cfg: mm.Config) -> list[LMBatch]:
+def global_batches(cfg: mm.Config) -> list:
     from multimodal_moe.training import build_task
 
     data = iter(build_task(cfg).train_data(seed=0, num_workers=0))
     return [next(data) for _ in range(STEPS)]
 
 
-def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list[LMBatch], out: Path) -> None:
+def rank_share(batch, rank: int):
+    """This rank's rows of a global batch (a retrieval batch's captions renumbered)."""
+    rows = slice(rank * (len(batch) // WORLD), (rank + 1) * (len(batch) // WORLD))
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    share = {k: v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == len(batch) else v
+             for k, v in fields.items()}
+    if "caption_image_N" in share:
+        share["caption_image_N"] = torch.arange(rows.stop - rows.start)
+    return type(batch)(**share)
+
+
+def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: Path) -> None:
     trainer = Trainer(cfg, run_dir, progress=False)
     losses = []
     for batch in batches:
-        rows = len(batch) // WORLD
-        info = trainer.train_step([LMBatch(keys=[], ids_BT=batch.ids_BT[rank * rows:(rank + 1) * rows])])
+        info = trainer.train_step([rank_share(batch, rank)])
         losses.append(trainer.env.mean([info.loss])[0])
     if cfg.train.expert_parallel > 1:
         assert any(isinstance(m, ExpertParallelExperts) for m in trainer.task.modules())
@@ -88,10 +99,13 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list[LMBatc
     ("lm/mot_debug", ["train.data_parallel=fsdp"]),  # MoT: experts sharded as ordinary parameters
     ("lm/xmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
     ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
-], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe"])
+    # the CLIP loss over features gathered with their gradient (its encoder has an X-MoE layer)
+    ("finetune/retrieval_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
+], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
-    cfg = mm.load_config(preset, [*BASE, *parallel])
-    single_cfg = mm.load_config(preset, [*BASE, *[p for p in parallel if not p.startswith("train.")]])
+    base = RETRIEVAL if preset.startswith("finetune/") else BASE
+    cfg = mm.load_config(preset, [*base, *parallel])
+    single_cfg = mm.load_config(preset, [*base, *[p for p in parallel if not p.startswith("train.")]])
     batches = global_batches(single_cfg)
 
     single = Trainer(single_cfg, tmp_path / "single", progress=False)

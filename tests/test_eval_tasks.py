@@ -89,3 +89,45 @@ def test_evaluate_refuses_a_checkpoint_without_the_task_head(tmp_path, capsys):
                  "--set=task.image_text.batch_size=8"]) == 0
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--config", "finetune/vqa_debug"]) == 2
     assert "fine-tune it first" in capsys.readouterr().err
+
+
+def test_clip_loss_against_a_loop():
+    from eval_tasks.retrieval import clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    scale = torch.tensor([2.0])
+    terms = []
+    for i in range(6):
+        logits_i = scale.exp() * img[i] @ txt.t()
+        logits_t = scale.exp() * txt[i] @ img.t()
+        terms.append((-logits_i.log_softmax(0)[i] - logits_t.log_softmax(0)[i]) / 2)
+    assert clip_loss(img, txt, scale).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+
+
+def test_chance_recall_matches_random_rankings():
+    from eval_tasks.retrieval import chance_recall
+
+    owner = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])
+    g = torch.Generator().manual_seed(0)
+    from eval_tasks.retrieval_metric import retrieval_recall
+
+    runs = [retrieval_recall(torch.randn(4, 32, generator=g), torch.randn(10, 32, generator=g), owner, ks=(1, 2))
+            for _ in range(3000)]
+    expected = chance_recall(owner, 4, ks=(1, 2))
+    for key in ("i2t_r1", "i2t_r2", "t2i_r1", "t2i_r2"):
+        assert sum(r[key] for r in runs) / len(runs) == pytest.approx(expected[key], abs=2.5)
+
+
+def test_retrieval_finetune_writes_results(tmp_path, capsys):
+    run = tmp_path / "ft"
+    assert main(["finetune", "--config", "finetune/retrieval_debug", "--run-dir", str(run), "--no-progress",
+                 *VQA_FAST]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == "retrieval" and (results["images"], results["captions"]) == (266, 849)
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean"):
+        assert 0 <= results[key] <= 100
+    assert results["i2t_r1"] <= results["i2t_r5"] <= results["i2t_r10"]
+    assert results["baselines"]["chance"]["t2i_r1"] == pytest.approx(100 / 266)
+    assert (run / "plots" / "retrieval_recall.png").stat().st_size > 1000

@@ -1,0 +1,191 @@
+"""Image-text retrieval fine-tuning and evaluation (COCO / Flickr30k protocol), as BEiT-3 does it.
+
+BEiT-3 (arXiv 2208.10442), section 3.2, and unilm's ``beit3`` retrieval handler:
+
+- dual encoding with the one Multiway encoder: the image alone through the vision path, the
+  text alone through the language path (with the decoupled layout the two towers share no
+  weights, only code);
+- features: the image CLS and the text's first token (BOS), each through its own linear
+  projection (``vision_head`` / ``language_head``), L2-normalised;
+- loss: CLIP's symmetric cross-entropy (Radford et al., arXiv 2103.00020) with a learnable
+  logit scale, initialised to 1/0.07 and clamped to 100; across ranks the features are
+  all-gathered *with* their gradient and each rank scores its own rows against everyone's
+  (open_clip's ``local_loss`` + ``gather_with_grad``), which averaged over ranks is the loss
+  of the global batch;
+- metric: recall@1/5/10 both ways over unique images and all their captions
+  (:mod:`eval_tasks.retrieval_metric`), with the recall a random ranking would get.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipelines.batches import RetrievalBatch
+from data_pipelines.processors import RetrievalProcessor
+from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.tasks.base import TaskConfig, TaskOutput
+from multimodal_moe.tasks.streams import TextStreamConfig
+
+from .finetune import ImageTextFinetune, ImageTextFinetuneConfig
+from .retrieval_metric import retrieval_recall
+
+__all__ = ["Retrieval", "RetrievalConfig", "chance_recall", "clip_loss"]
+
+KS = (1, 5, 10)
+
+
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order, this rank's still carrying their gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
+def clip_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows; across ranks, this rank's rows against all ranks'."""
+    all_images, all_texts = _gather_with_grad(image_BE), _gather_with_grad(text_BE)
+    offset = dist.get_rank() * image_BE.shape[0] if all_images.shape[0] != image_BE.shape[0] else 0
+    labels = torch.arange(image_BE.shape[0], device=image_BE.device) + offset
+    scale = logit_scale.exp().clamp(max=100)
+    return (F.cross_entropy(scale * image_BE @ all_texts.t(), labels)
+            + F.cross_entropy(scale * text_BE @ all_images.t(), labels)) / 2
+
+
+def chance_recall(caption_image_N: torch.Tensor, images: int, ks=KS) -> dict[str, float]:
+    """The expected recall@k (percent) of a uniformly random ranking."""
+    counts = torch.bincount(caption_image_N, minlength=images).tolist()
+    N = len(caption_image_N)
+    out = {}
+    for k in ks:
+        miss = [math.prod((N - c - j) / (N - j) for j in range(min(k, N))) for c in counts]
+        out[f"i2t_r{k}"] = 100 * (1 - sum(miss) / len(miss))
+    for k in ks:
+        out[f"t2i_r{k}"] = 100 * min(k, images) / images
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+@TaskConfig.register("retrieval")
+@config
+class RetrievalConfig(ImageTextFinetuneConfig):
+    """Retrieval fine-tuning; see the module docstring. The training stream pairs each image
+    with one of its captions; evaluation scores every caption. Beyond
+    :class:`ImageTextFinetuneConfig`:
+
+    Attributes:
+        embed_dim: width of the projected features (default: the model width).
+    """
+
+    train: TextStreamConfig = TextStreamConfig(shards=("bundled:retrieval/train",), batch_size=32, max_len=32)
+    eval_shards: tuple[str, ...] = ("bundled:retrieval/val",)
+    embed_dim: int | None = None
+
+    def check(self) -> None:
+        ImageTextFinetuneConfig.check(self)
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ConfigError("embed_dim", f"must be positive or null, got {self.embed_dim}")
+
+    def build(self, model: nn.Module) -> Retrieval:
+        return Retrieval(self, model)
+
+
+class Retrieval(ImageTextFinetune):
+    """The ``retrieval`` task: projection heads and a learnable logit scale over dual encodings."""
+
+    def __init__(self, cfg: RetrievalConfig, model: nn.Module):
+        super().__init__(cfg, model)
+        D = model.cfg.dim
+        E = cfg.embed_dim or D
+        self.vision_head = nn.Linear(D, E, bias=False)
+        self.language_head = nn.Linear(D, E, bias=False)
+        for head in (self.vision_head, self.language_head):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # 1-D: FSDP2 shards no scalars
+
+    def encode_images(self, images_B3HW: torch.Tensor):
+        out = self.model(images=images_B3HW)
+        return F.normalize(self.vision_head(out.hidden[:, 0]).float(), dim=-1), out
+
+    def encode_texts(self, ids_NL: torch.Tensor, padding_NL: torch.Tensor):
+        out = self.model(text_ids=ids_NL, text_padding_mask=padding_NL)
+        return F.normalize(self.language_head(out.hidden[:, 0]).float(), dim=-1), out
+
+    def forward(self, batch: RetrievalBatch) -> TaskOutput:
+        if not torch.equal(batch.caption_image_N.cpu(), torch.arange(len(batch))):
+            raise ValueError("training batches pair each image with one caption "
+                             "(RetrievalProcessor(all_captions=False))")
+        image_BE, image_out = self.encode_images(batch.images_B3HW)
+        text_BE, text_out = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
+        loss = clip_loss(image_BE, text_BE, self.logit_scale)
+        aux = image_out.aux_loss + text_out.aux_loss
+        with torch.no_grad():
+            i2t_acc = ((image_BE @ text_BE.t()).argmax(1) == torch.arange(len(batch), device=image_BE.device))
+        tokens = image_out.hidden.shape[0] * image_out.hidden.shape[1] + int((~batch.padding_mask_NL).sum())
+        return TaskOutput(loss + aux, {"clip_loss": loss.detach(), "aux_loss": aux.detach(),
+                                       "in_batch_i2t_acc": i2t_acc.float().mean(),
+                                       "logit_scale": self.logit_scale.detach().exp().squeeze()},
+                          samples=len(batch), tokens=tokens, moe_stats=[image_out.moe_stats, text_out.moe_stats])
+
+    def processor(self, train: bool) -> RetrievalProcessor:
+        return RetrievalProcessor(self.tokenizer, self.transform(train), self.cfg.train.max_len,
+                                  all_captions=not train)
+
+    @torch.no_grad()
+    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
+        """Recall@1/5/10 both ways on ``eval_shards``; with ``out_dir``, the recall@k curves to
+        ``out_dir/plots/retrieval_recall.png``."""
+        self.eval()
+        device = next(self.parameters()).device
+        seen: dict[str, int] = {}
+        images, texts, owners = [], [], []
+        for batch in self.eval_batches(num_workers):
+            batch = batch.to(device)
+            image_BE, _ = self.encode_images(batch.images_B3HW)
+            text_NE, _ = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
+            rows = []
+            for b, image_id in enumerate(batch.image_ids):  # one row per unique image
+                if image_id not in seen:
+                    seen[image_id] = len(seen)
+                    images.append(image_BE[b])
+                rows.append(seen[image_id])
+            texts.append(text_NE)
+            owners.append(torch.tensor(rows)[batch.caption_image_N.cpu()])
+        image_IE, text_NE, owner_N = torch.stack(images), torch.cat(texts), torch.cat(owners)
+        report = retrieval_recall(image_IE, text_NE, owner_N, ks=KS)
+        report.update(images=image_IE.shape[0], captions=text_NE.shape[0],
+                      baselines={"chance": chance_recall(owner_N, image_IE.shape[0])})
+        if out_dir is not None:
+            curves = retrieval_recall(image_IE, text_NE, owner_N, ks=range(1, 11))
+            _plot_recall(curves, Path(out_dir) / "plots" / "retrieval_recall.png")
+        self.train()
+        return report
+
+
+def _plot_recall(curves: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = list(range(1, 11))
+    for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+        ax.plot(ks, [curves[f"{direction}_r{k}"] for k in ks], marker="o", label=label)
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
