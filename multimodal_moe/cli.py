@@ -3,6 +3,7 @@
     mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume]   train a task
     mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
     mmoe evaluate --checkpoint CKPT               results.json and plots of a fine-tuned checkpoint
+    mmoe demo [--run-dir DIR]                     pretrain -> fine-tune VQA, retrieval -> evaluate
     mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
@@ -112,33 +113,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return _train(args, load_config(args.config, args.set), "pretrain")
 
 
-def _evaluate(checkpoint, cfg, out_dir: Path, progress: bool) -> dict:
-    """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``."""
-    from .training import build_task
-    from .training.checkpoint import load_weights, task_states
-
-    task = build_task(cfg)
-    checkpoint.load_model_into(task.model)
-    heads = checkpoint.weights("heads.safetensors")
-    expected = set(task_states(task)[1])
-    if set(heads) != expected:
-        raise ValueError(f"{checkpoint.path} holds heads {sorted(heads) or 'none'}, the {cfg.task.kind} task needs "
-                         f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {checkpoint.path})")
-    load_weights(task, {**{f"model.{k}": v for k, v in task.model.state_dict().items()}, **heads},
-                 str(checkpoint.path))
-    results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path),
-               **task.evaluate(out_dir, progress=progress)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    return results
-
-
 def _summary(results: dict) -> str:
-    keys = [k for k in ("vqa_accuracy", "i2t_r1", "t2i_r1", "r_mean", "perplexity") if k in results]
+    keys = [k for k in ("vqa_accuracy", "i2t_r1", "t2i_r1", "r_mean", "perplexity", "bits_per_byte") if k in results]
     return ", ".join(f"{k} {results[k]:.2f}" for k in keys)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from eval_tasks.evaluate import evaluate_checkpoint
+
     from .training import Checkpoint
 
     cfg = load_config(args.config, args.set)
@@ -147,12 +129,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     code = _train(args, cfg, "finetune", init=args.init)
     if code or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return code
-    results = _evaluate(Checkpoint.open(args.run_dir), cfg, Path(args.run_dir), progress=not args.no_progress)
+    results = evaluate_checkpoint(Checkpoint.open(args.run_dir), cfg, Path(args.run_dir),
+                                  progress=not args.no_progress)
     print(f"evaluation: {_summary(results)}; {Path(args.run_dir) / 'results.json'}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from eval_tasks.evaluate import evaluate_checkpoint
+
     from .training import Checkpoint
 
     checkpoint = Checkpoint.open(args.checkpoint)
@@ -160,8 +145,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = dataclasses.replace(load_config(args.config, args.set), model=cfg.model)
     out_dir = Path(args.out) if args.out else checkpoint.path.parent.parent
-    results = _evaluate(checkpoint, cfg, out_dir, progress=not args.no_progress)
+    results = evaluate_checkpoint(checkpoint, cfg, out_dir, progress=not args.no_progress,
+                                  text_shards=args.text_shards, choices=args.choices)
     print(f"evaluation: {_summary(results)}; {out_dir / 'results.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from eval_tasks.demo import run_demo, table
+
+    run_dir = args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"demo: pretrain, fine-tune VQA and retrieval, evaluate -> {run_dir}", file=sys.stderr)
+    results = run_demo(run_dir, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                       progress=not args.no_progress)
+    print(table(results))
     return 0
 
 
@@ -209,8 +206,19 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", default=None, help="task config (default: the checkpoint's own)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--out", default=None, help="output folder (default: the checkpoint's run dir)")
+    evaluate.add_argument("--text-shards", nargs="+", default=None,
+                          help="LM: held-out text shards for perplexity (default: bundled:text/val)")
+    evaluate.add_argument("--choices", default=None,
+                          help='LM: a JSONL of {"context", "choices", "label"} for zero-shot multiple choice')
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="pretrain -> fine-tune VQA and retrieval -> evaluate, on the bundled data")
+    demo.add_argument("--run-dir", default=None, help="output folder (default: runs/demo-<time>)")
+    demo.add_argument("--pretrain-steps", type=int, default=300)
+    demo.add_argument("--finetune-steps", type=int, default=300)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=cmd_demo)
 
     inspect = sub.add_parser("inspect", help="summarise a run: table of losses and expert load, PNG plots")
     inspect.add_argument("run_dir")

@@ -131,3 +131,65 @@ def test_retrieval_finetune_writes_results(tmp_path, capsys):
     assert results["i2t_r1"] <= results["i2t_r5"] <= results["i2t_r10"]
     assert results["baselines"]["chance"]["t2i_r1"] == pytest.approx(100 / 266)
     assert (run / "plots" / "retrieval_recall.png").stat().st_size > 1000
+
+
+def test_lm_perplexity_and_multiple_choice_against_a_token_loop(tmp_path):
+    from eval_tasks.lm_eval import multiple_choice, perplexity
+
+    task = build_task(mm.load_config("lm/debug"))
+    model, tok = task.model.eval(), task.tokenizer
+    docs = ["the quick brown fox jumps over the lazy dog. " * 5, "def f(x):\n    return x"]
+    got = perplexity(model, tok, docs, seq_len=16, batch_size=3)
+    nll, count = 0.0, 0
+    for doc in docs:  # one token at a time, each window from its start
+        ids = [*tok.encode(doc), tok.eos_id]
+        for start in range(0, len(ids) - 1, 16):
+            window = ids[start:start + 17]
+            for t in range(1, len(window)):
+                logits = model.logits(model(torch.tensor([window[:t]])).hidden)[0, -1]
+                nll -= logits.log_softmax(-1)[window[t]].item()
+                count += 1
+    assert got["tokens"] == count
+    assert got["perplexity"] == pytest.approx(torch.tensor(nll / count).exp().item(), rel=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(nll / torch.log(torch.tensor(2.0)).item() /
+                                                 sum(len(d.encode()) for d in docs), rel=1e-4)
+
+    items = [{"context": "one two three", "choices": ["four", "banana split", "five six"], "label": 0},
+             {"context": "red green", "choices": ["blue", "seven"], "label": 1}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(i) for i in items))
+    expected = 0
+    for item in items:
+        prefix = [tok.bos_id, *tok.encode(item["context"])]
+        means = []
+        for choice in item["choices"]:
+            ids = prefix + tok.encode(choice)
+            logp = model.logits(model(torch.tensor([ids[:-1]])).hidden)[0].log_softmax(-1)
+            picked = [logp[t - 1, ids[t]].item() for t in range(len(prefix), len(ids))]
+            means.append(sum(picked) / len(picked))
+        expected += max(range(len(means)), key=means.__getitem__) == item["label"]
+    assert multiple_choice(model, tok, path)["accuracy"] == pytest.approx(100 * expected / len(items))
+    path.write_text(json.dumps({"context": "x", "choices": ["a"], "label": 3}))
+    with pytest.raises(ValueError, match="label 3"):
+        multiple_choice(model, tok, path)
+
+
+def test_evaluate_an_lm_checkpoint(tmp_path, capsys):
+    assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", *FAST,
+                 "--set=task.text.batch_size=8"]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["task"] == "lm" and results["documents"] == 46 and results["tokens"] > 1000
+    assert 1 < results["perplexity"] < 2e4 and 0 < results["bits_per_byte"] < 20
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    assert main(["demo", "--run-dir", str(tmp_path), "--pretrain-steps", "3", "--finetune-steps", "3",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "VQA accuracy" in out and "retrieval r_mean" in out
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert demo["vqa"]["questions"] == 472 and demo["retrieval"]["captions"] == 849
+    for stage in ("pretrain", "vqa", "retrieval"):
+        assert (tmp_path / stage / "checkpoints" / "latest" / "model.safetensors").is_file()
+    assert mm.load_checkpoint(tmp_path / "vqa").cfg == mm.load_checkpoint(tmp_path / "pretrain").cfg

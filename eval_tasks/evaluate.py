@@ -1,0 +1,41 @@
+"""Evaluating a checkpoint: its weights, a task config, ``results.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from multimodal_moe.config import Config
+from multimodal_moe.training import Checkpoint, build_task
+from multimodal_moe.training.checkpoint import load_weights, task_states
+
+from .lm_eval import multiple_choice, perplexity, read_documents
+
+__all__ = ["evaluate_checkpoint"]
+
+
+def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, progress: bool = False,
+                        text_shards: list[str] | None = None, choices: str | None = None) -> dict:
+    """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``. A
+    language model is scored by perplexity on ``text_shards`` (default: the bundled held-out
+    text) and, given a JSONL of ``choices``, by zero-shot multiple choice."""
+    task = build_task(cfg)
+    checkpoint.load_model_into(task.model)
+    heads = checkpoint.weights("heads.safetensors")
+    expected = set(task_states(task)[1])
+    if set(heads) != expected:
+        raise ValueError(f"{checkpoint.path} holds heads {sorted(heads) or 'none'}, the {cfg.task.kind} task needs "
+                         f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {checkpoint.path})")
+    load_weights(task, {**{f"model.{k}": v for k, v in task.model.state_dict().items()}, **heads},
+                 str(checkpoint.path))
+    results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path)}
+    if cfg.task.kind == "lm":
+        documents = read_documents(text_shards or ["bundled:text/val"])
+        results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len))
+        if choices is not None:
+            results["multiple_choice"] = multiple_choice(task.model, task.tokenizer, choices)
+    else:
+        results.update(task.evaluate(out_dir, progress=progress))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return results
