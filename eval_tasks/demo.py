@@ -41,7 +41,7 @@ def _finetune(preset: str, init: Path, run_dir: Path, steps: int, progress: bool
     return evaluate_checkpoint(Checkpoint.open(run_dir), cfg, run_dir, progress=progress)
 
 
-def run_demo(run_dir: str | Path, *, pretrain_steps: int = 300, finetune_steps: int = 300, progress: bool = True,
+def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps: int = 1500, progress: bool = True,
              num_workers: int = 2) -> dict:
     """Pretrain, fine-tune VQA and retrieval, evaluate; returns (and writes to ``demo.json``)
     the results with their baselines and the seconds each stage took."""

@@ -215,8 +215,8 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="pretrain -> fine-tune VQA and retrieval -> evaluate, on the bundled data")
     demo.add_argument("--run-dir", default=None, help="output folder (default: runs/demo-<time>)")
-    demo.add_argument("--pretrain-steps", type=int, default=300)
-    demo.add_argument("--finetune-steps", type=int, default=300)
+    demo.add_argument("--pretrain-steps", type=int, default=2000)
+    demo.add_argument("--finetune-steps", type=int, default=1500, help="for each of VQA and retrieval")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
