@@ -9,6 +9,7 @@ from multimodal_moe.config import Config
 from multimodal_moe.training import Checkpoint, build_task
 from multimodal_moe.training.checkpoint import load_weights, task_states
 
+from .finetune import is_main_rank
 from .lm_eval import multiple_choice, perplexity, read_documents
 
 __all__ = ["evaluate_checkpoint"]
@@ -36,6 +37,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
             results["multiple_choice"] = multiple_choice(task.model, task.tokenizer, choices)
     else:
         results.update(task.evaluate(out_dir, progress=progress))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if is_main_rank():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results

@@ -3,6 +3,7 @@ and the training and evaluation streams."""
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 
 from data_pipelines.images import ImageTransform, eval_transform, finetune_transform
@@ -12,7 +13,20 @@ from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
 from multimodal_moe.tasks.base import Task, TaskConfig, data_path
 from multimodal_moe.tasks.streams import SingleStream, TextStreamConfig, TokenizerConfig
 
-__all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig"]
+__all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig", "gather_lists", "is_main_rank"]
+
+
+def gather_lists(*lists: list) -> tuple[list, ...]:
+    """Each list concatenated over the ranks, in rank order, on every rank (as given on one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lists
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, lists)
+    return tuple([x for rank in gathered for x in rank[i]] for i in range(len(lists)))
+
+
+def is_main_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 @config
@@ -71,7 +85,8 @@ class ImageTextFinetune(Task):
                                                                   num_workers=num_workers))
 
     def eval_batches(self, num_workers: int = 0) -> StreamLoader:
-        """One pass over ``eval_shards`` (this rank's share under torchrun)."""
+        """One pass over ``eval_shards`` (this rank's share under torchrun: gather the results
+        with :func:`gather_lists`)."""
         stream = ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self.processor(False),
                              batch_size=self.cfg.eval_batch_size, resampled=False)
         return StreamLoader(stream, num_workers=num_workers)

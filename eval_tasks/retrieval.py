@@ -33,7 +33,7 @@ from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.streams import TextStreamConfig
 
-from .finetune import ImageTextFinetune, ImageTextFinetuneConfig
+from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_lists, is_main_rank
 from .retrieval_metric import retrieval_recall
 
 __all__ = ["Retrieval", "RetrievalConfig", "chance_recall", "clip_loss"]
@@ -145,25 +145,27 @@ class Retrieval(ImageTextFinetune):
         ``out_dir/plots/retrieval_recall.png``."""
         self.eval()
         device = next(self.parameters()).device
-        seen: dict[str, int] = {}
-        images, texts, owners = [], [], []
+        image_ids, image_rows, caption_owners, text_rows = [], [], [], []
         for batch in self.eval_batches(num_workers):
             batch = batch.to(device)
             image_BE, _ = self.encode_images(batch.images_B3HW)
             text_NE, _ = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
-            rows = []
-            for b, image_id in enumerate(batch.image_ids):  # one row per unique image
-                if image_id not in seen:
-                    seen[image_id] = len(seen)
-                    images.append(image_BE[b])
-                rows.append(seen[image_id])
-            texts.append(text_NE)
-            owners.append(torch.tensor(rows)[batch.caption_image_N.cpu()])
-        image_IE, text_NE, owner_N = torch.stack(images), torch.cat(texts), torch.cat(owners)
+            image_ids += batch.image_ids
+            image_rows += list(image_BE.cpu())
+            caption_owners += [batch.image_ids[b] for b in batch.caption_image_N.tolist()]
+            text_rows += list(text_NE.cpu())
+        image_ids, image_rows, caption_owners, text_rows = gather_lists(image_ids, image_rows, caption_owners,
+                                                                         text_rows)
+        unique: dict[str, int] = {}  # one row per image id
+        for i, image_id in enumerate(image_ids):
+            unique.setdefault(image_id, i)
+        image_IE = torch.stack([image_rows[i] for i in unique.values()])
+        row_of = {image_id: r for r, image_id in enumerate(unique)}
+        text_NE, owner_N = torch.stack(text_rows), torch.tensor([row_of[i] for i in caption_owners])
         report = retrieval_recall(image_IE, text_NE, owner_N, ks=KS)
         report.update(images=image_IE.shape[0], captions=text_NE.shape[0],
                       baselines={"chance": chance_recall(owner_N, image_IE.shape[0])})
-        if out_dir is not None:
+        if out_dir is not None and is_main_rank():
             curves = retrieval_recall(image_IE, text_NE, owner_N, ks=range(1, 11))
             _plot_recall(curves, Path(out_dir) / "plots" / "retrieval_recall.png")
         self.train()

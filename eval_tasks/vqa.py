@@ -37,7 +37,7 @@ from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
 from multimodal_moe.tasks.streams import TextStreamConfig
 
-from .finetune import ImageTextFinetune, ImageTextFinetuneConfig
+from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_lists, is_main_rank
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
 __all__ = ["VQA", "VQAConfig", "build_answer_vocab"]
@@ -126,9 +126,9 @@ class VQA(ImageTextFinetune):
 
     @torch.no_grad()
     def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
-        """VQA accuracy on ``eval_shards`` (this rank's share), predictions ``{question_id,
-        answer}`` to ``out_dir/vqa_predictions.json`` and accuracy per question type to
-        ``out_dir/plots/vqa_accuracy_per_type.png``."""
+        """VQA accuracy on ``eval_shards`` (every rank scores its share; all get the whole
+        report), predictions ``{question_id, answer}`` to ``out_dir/vqa_predictions.json`` and
+        accuracy per question type to ``out_dir/plots/vqa_accuracy_per_type.png`` (rank 0)."""
         self.eval()
         device = next(self.parameters()).device
         predictions, answers, types, ids = [], [], [], []
@@ -138,9 +138,10 @@ class VQA(ImageTextFinetune):
             answers += batch.answers
             types += batch.question_types
             ids += batch.question_ids
+        predictions, answers, types, ids = gather_lists(predictions, answers, types, ids)
         report = vqa_report(predictions, answers, types)
         report["baselines"] = vqa_baselines(answers, self.answers)
-        if out_dir is not None:
+        if out_dir is not None and is_main_rank():
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "vqa_predictions.json").write_text(json.dumps(

@@ -127,11 +127,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.init is not None:  # the backbone as it was pretrained, whatever its FFN kinds
         cfg = dataclasses.replace(cfg, model=Checkpoint.open(args.init).config.model)
     code = _train(args, cfg, "finetune", init=args.init)
-    if code or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if code:
         return code
     results = evaluate_checkpoint(Checkpoint.open(args.run_dir), cfg, Path(args.run_dir),
-                                  progress=not args.no_progress)
-    print(f"evaluation: {_summary(results)}; {Path(args.run_dir) / 'results.json'}")
+                                  progress=not args.no_progress)  # every rank scores its share
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"evaluation: {_summary(results)}; {Path(args.run_dir) / 'results.json'}")
     return 0
 
 

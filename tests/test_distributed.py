@@ -167,3 +167,29 @@ def test_torchrun_pretrain_with_expert_parallelism(tmp_path):
     assert state["world"] == 2 and len(state["per_rank"]) == 2
     experts = load_file(run / "checkpoints" / "latest" / "model.safetensors")["layers.1.ffn.experts.w1_EDF"]
     assert experts.shape[0] == 4  # gathered whole from both ranks' halves
+
+
+def evaluate_on_rank(rank: int, preset: str, out: Path) -> None:
+    import eval_tasks  # noqa: F401
+    from multimodal_moe.distributed import init_distributed
+    from multimodal_moe.training import build_task
+
+    init_distributed("cpu")
+    report = build_task(mm.load_config(preset)).evaluate(None)
+    if rank == 0:
+        out.write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug"])
+def test_evaluation_at_world_two_gathers_every_rank_share(tmp_path, preset):
+    import eval_tasks  # noqa: F401
+    from multimodal_moe.training import build_task
+
+    single = build_task(mm.load_config(preset)).evaluate(None)
+    run_ranks(evaluate_on_rank, preset, tmp_path / "report.json")
+    report = json.loads((tmp_path / "report.json").read_text())
+    counts = ("questions",) if "questions" in single else ("images", "captions")
+    assert [report[k] for k in counts] == [single[k] for k in counts]  # every sample once
+    for key, value in single.items():
+        if isinstance(value, float):  # per-rank batches differ, so an exact tie may break differently
+            assert report[key] == pytest.approx(value, abs=0.5), key
