@@ -53,10 +53,6 @@ class Parallel:
     expert_group: object = None
     expert_replica_group: object = None
 
-    @property
-    def expert_parallel(self) -> int:
-        return dist.get_world_size(self.expert_group) if self.expert_names else 1
-
     def expert_params(self) -> list[nn.Parameter]:
         params = dict(self.task.named_parameters())
         return [params[n] for n in self.expert_names]

@@ -18,8 +18,6 @@ BEiT-3's pretraining code was never released; this follows the paper and BEiT v2
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -31,7 +29,7 @@ from data_pipelines.mixer import PretrainMixer, PretrainStep
 from data_pipelines.processors import ImageProcessor, ImageTextProcessor, TextProcessor
 from data_pipelines.streams import derive_seed
 from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
-from data_pipelines.visual_targets import KMeansCodebook, PixelTargets, VisualTargets, VQKDTokenizer
+from data_pipelines.visual_targets import VisualTargets, build_visual_targets
 
 from ..configurable import ConfigError, Configurable, Registry, config
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
@@ -61,21 +59,16 @@ class VisualTargetsConfig(Registry):
     selects it: kmeans | vqkd | pixels."""
 
     def build(self, patch_size: int) -> VisualTargets:
-        raise NotImplementedError
-
-
-def _targets_file(path: str, what: str) -> Path:
-    resolved = data_path(path)
-    if not resolved.is_file():
-        raise FileNotFoundError(f"{what} {path!r} not found (looked at {resolved})")
-    return resolved
-
-
-def _check_patch(targets: VisualTargets, patch_size: int, path: str) -> VisualTargets:
-    if targets.patch_size != patch_size:
-        raise ConfigError("path", f"{path} gives targets for {targets.patch_size}-pixel patches, the model has "
-                                  f"{patch_size}-pixel patches")
-    return targets
+        path = getattr(self, "path", None)
+        resolved = None if path is None else data_path(path)
+        if resolved is not None and not resolved.is_file():
+            raise FileNotFoundError(f"{self.kind} visual targets {path!r} not found (looked at {resolved})")
+        targets = build_visual_targets(self.kind, path=resolved, patch_size=patch_size,
+                                       normalize=getattr(self, "normalize", True))
+        if targets.patch_size != patch_size:
+            raise ConfigError("path", f"{path} gives targets for {targets.patch_size}-pixel patches, the model has "
+                                      f"{patch_size}-pixel patches")
+        return targets
 
 
 @VisualTargetsConfig.register("kmeans")
@@ -86,9 +79,6 @@ class KMeansTargetsConfig(VisualTargetsConfig):
 
     path: str = "bundled:visual_codebook.safetensors"
 
-    def build(self, patch_size: int) -> VisualTargets:
-        return _check_patch(KMeansCodebook.load(_targets_file(self.path, "codebook")), patch_size, self.path)
-
 
 @VisualTargetsConfig.register("vqkd")
 @config
@@ -97,9 +87,6 @@ class VQKDTargetsConfig(VisualTargetsConfig):
 
     path: str
 
-    def build(self, patch_size: int) -> VisualTargets:
-        return _check_patch(VQKDTokenizer.load(_targets_file(self.path, "VQ-KD tokenizer")), patch_size, self.path)
-
 
 @VisualTargetsConfig.register("pixels")
 @config
@@ -107,9 +94,6 @@ class PixelTargetsConfig(VisualTargetsConfig):
     """The patch's pixels, each patch standardised when ``normalize`` (MAE's norm_pix_loss)."""
 
     normalize: bool = True
-
-    def build(self, patch_size: int) -> VisualTargets:
-        return PixelTargets(patch_size, self.normalize)
 
 
 @TaskConfig.register("mmm")

@@ -154,8 +154,3 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
             f.flush()
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
