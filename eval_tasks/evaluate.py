@@ -6,20 +6,18 @@ import json
 from pathlib import Path
 
 from multimodal_moe.config import Config
+from multimodal_moe.tasks import Task
 from multimodal_moe.training import Checkpoint, build_task
 from multimodal_moe.training.checkpoint import load_weights, task_states
 
 from .finetune import is_main_rank
 from .lm_eval import multiple_choice, perplexity, read_documents
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["evaluate_checkpoint", "load_task"]
 
 
-def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, progress: bool = False,
-                        text_shards: list[str] | None = None, choices: str | None = None) -> dict:
-    """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``. A
-    language model is scored by perplexity on ``text_shards`` (default: the bundled held-out
-    text) and, given a JSONL of ``choices``, by zero-shot multiple choice."""
+def load_task(checkpoint: Checkpoint, cfg: Config) -> Task:
+    """``cfg``'s task with the backbone and heads of ``checkpoint`` (both strictly)."""
     task = build_task(cfg)
     checkpoint.load_model_into(task.model)
     heads = checkpoint.weights("heads.safetensors")
@@ -29,6 +27,15 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
                          f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {checkpoint.path})")
     load_weights(task, {**{f"model.{k}": v for k, v in task.model.state_dict().items()}, **heads},
                  str(checkpoint.path))
+    return task
+
+
+def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, progress: bool = False,
+                        text_shards: list[str] | None = None, choices: str | None = None) -> dict:
+    """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``. A
+    language model is scored by perplexity on ``text_shards`` (default: the bundled held-out
+    text) and, given a JSONL of ``choices``, by zero-shot multiple choice."""
+    task = load_task(checkpoint, cfg)
     results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path)}
     if cfg.task.kind == "lm":
         documents = read_documents(text_shards or ["bundled:text/val"])

@@ -19,6 +19,7 @@ Deviation: answers are normalised with the official evaluation's rules for the v
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -40,7 +41,7 @@ from multimodal_moe.tasks.streams import TextStreamConfig
 from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_lists, is_main_rank
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
-__all__ = ["VQA", "VQAConfig", "build_answer_vocab"]
+__all__ = ["VQA", "VQAConfig", "answer_vocab", "build_answer_vocab"]
 
 
 def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
@@ -58,6 +59,16 @@ def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
     return sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
 
 
+def answer_vocab(cfg: VQAConfig) -> list[str]:
+    """The answers a VQA head of ``cfg`` predicts, in order: ``cfg.answers`` or the vocabulary of
+    its training shards."""
+    answers = list(cfg.answers) or build_answer_vocab(list(cfg.train.shards), cfg.min_answer_count)
+    if not answers:
+        raise ValueError(f"no answer of {list(cfg.train.shards)} heads {cfg.min_answer_count} questions; "
+                         f"lower task.min_answer_count")
+    return answers
+
+
 @TaskConfig.register("vqa")
 @config
 class VQAConfig(ImageTextFinetuneConfig):
@@ -65,12 +76,15 @@ class VQAConfig(ImageTextFinetuneConfig):
     (``train.max_len``: the longest question):
 
     Attributes:
+        answers: the answer vocabulary in the head's order (e.g. of a converted unilm
+            checkpoint); empty: built from ``train.shards``.
         min_answer_count: questions an answer must head to enter the vocabulary.
         head_lr_scale: learning-rate multiplier of the pooler and head (BEiT-3: 20).
     """
 
     train: TextStreamConfig = TextStreamConfig(shards=("bundled:vqa/train",), batch_size=32, max_len=32)
     eval_shards: tuple[str, ...] = ("bundled:vqa/val",)
+    answers: tuple[str, ...] = ()
     min_answer_count: int = 1
     head_lr_scale: float = 20.0
 
@@ -80,6 +94,14 @@ class VQAConfig(ImageTextFinetuneConfig):
             raise ConfigError("min_answer_count", f"must be >= 1, got {self.min_answer_count}")
         if self.head_lr_scale <= 0:
             raise ConfigError("head_lr_scale", f"must be positive, got {self.head_lr_scale}")
+        if len(set(self.answers)) != len(self.answers):
+            raise ConfigError("answers", "lists an answer more than once")
+
+    def with_heads_of(self, saved: TaskConfig | None) -> VQAConfig:
+        """The checkpoint's answer vocabulary (its head's order) unless this config lists one."""
+        if not self.answers and isinstance(saved, VQAConfig) and saved.answers:
+            return dataclasses.replace(self, answers=saved.answers)
+        return self
 
     def build(self, model: nn.Module) -> VQA:
         return VQA(self, model)
@@ -90,10 +112,7 @@ class VQA(ImageTextFinetune):
 
     def __init__(self, cfg: VQAConfig, model: nn.Module):
         super().__init__(cfg, model)
-        self.answers = build_answer_vocab(list(cfg.train.shards), cfg.min_answer_count)
-        if not self.answers:
-            raise ValueError(f"no answer of {list(cfg.train.shards)} heads {cfg.min_answer_count} questions; "
-                             f"lower task.min_answer_count")
+        self.answers = answer_vocab(cfg)
         D = model.cfg.dim
         self.pooler = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.Tanh())
         self.head = nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(),

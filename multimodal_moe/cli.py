@@ -4,6 +4,7 @@
     mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
     mmoe evaluate --checkpoint CKPT               results.json and plots of a fine-tuned checkpoint
     mmoe demo [--run-dir DIR]                     pretrain -> fine-tune VQA, retrieval -> evaluate
+    mmoe convert beit3 --src FILE --dst DIR       official BEiT-3 checkpoints in (and out: --to torchscale|unilm)
     mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
@@ -144,7 +145,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint.open(args.checkpoint)
     cfg = checkpoint.config
     if args.config is not None:
-        cfg = dataclasses.replace(load_config(args.config, args.set), model=cfg.model)
+        requested = load_config(args.config, args.set)
+        cfg = dataclasses.replace(requested, model=cfg.model, task=requested.task.with_heads_of(cfg.task))
     out_dir = Path(args.out) if args.out else checkpoint.path.parent.parent
     results = evaluate_checkpoint(checkpoint, cfg, out_dir, progress=not args.no_progress,
                                   text_shards=args.text_shards, choices=args.choices)
@@ -160,6 +162,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = run_demo(run_dir, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
                        progress=not args.no_progress)
     print(table(results))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from eval_tasks.beit3_convert import ConversionError, from_beit3, to_beit3
+
+    try:
+        if args.to == "ours":
+            report = from_beit3(args.src, args.dst, heads=args.heads, image_size=args.image_size,
+                                tokenizer=args.tokenizer, tokenizer_layout=args.tokenizer_layout,
+                                answers=args.answers, trust_pickle=args.trust_pickle)
+        else:
+            report = to_beit3(args.src, args.dst, fmt=args.to)
+    except ConversionError as e:
+        print(f"mmoe: conversion error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if args.to == "ours":
+        print(f"fine-tune: mmoe finetune --config <vqa or retrieval config> --init {args.dst}")
+    else:
+        print(f"build it with torchscale's BEiT3(EncoderConfig(**{report.torchscale_config}))")
     return 0
 
 
@@ -220,6 +243,28 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-steps", type=int, default=1500, help="for each of VQA and retrieval")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=cmd_demo)
+
+    convert = sub.add_parser("convert", help="official BEiT-3 checkpoints (torchscale, unilm) to ours and back")
+    convert.add_argument("source", choices=["beit3"], help="the other codebase's model")
+    convert.add_argument("--src", required=True, help="torchscale BEiT3 state dict or unilm beit3 checkpoint "
+                                                      "(.pth/.pt/.safetensors); with --to torchscale|unilm: "
+                                                      "a checkpoint of ours")
+    convert.add_argument("--dst", required=True, help="our checkpoint directory to create; with --to "
+                                                      "torchscale|unilm: the .pth file to write")
+    convert.add_argument("--to", choices=["ours", "torchscale", "unilm"], default="ours",
+                         help="direction: into ours (default), or ours back into torchscale's state dict or a "
+                              "unilm checkpoint (dense decoupled models)")
+    convert.add_argument("--heads", type=int, default=None, help="attention heads (default: width / 64)")
+    convert.add_argument("--image-size", type=int, default=None,
+                         help="fine-tuning image size; the vision positions are resized (default: as trained)")
+    convert.add_argument("--tokenizer", default=None, help="path of the official beit3.spm, recorded in the "
+                                                           "config (default: beit3.spm)")
+    convert.add_argument("--tokenizer-layout", choices=["xlmr", "beit3", "auto"], default="xlmr",
+                         help="its id layout (default: xlmr, the official beit3.spm's)")
+    convert.add_argument("--answers", default=None, help="unilm's answer2label.txt, to keep a VQA head")
+    convert.add_argument("--trust-pickle", action="store_true",
+                         help="read files that pickle Python objects besides tensors (only files you trust)")
+    convert.set_defaults(run=cmd_convert)
 
     inspect = sub.add_parser("inspect", help="summarise a run: table of losses and expert load, PNG plots")
     inspect.add_argument("run_dir")

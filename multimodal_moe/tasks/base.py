@@ -98,6 +98,11 @@ class TaskConfig(Registry):
         """The task around the backbone ``model`` (heads initialised from the global RNG)."""
         raise NotImplementedError
 
+    def with_heads_of(self, saved: TaskConfig | None) -> TaskConfig:
+        """This config, taking from ``saved`` (the config a checkpoint was written with) what its
+        heads' weights depend on and this one leaves open; used to evaluate a checkpoint."""
+        return self
+
 
 class Task(nn.Module):
     """Base class: ``self.model`` is the backbone; subclasses add heads and define
