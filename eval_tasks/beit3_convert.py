@@ -534,6 +534,9 @@ def to_beit3(src: str | os.PathLike, dst: str | os.PathLike, *,
         out = {"model": {**{UNILM_PREFIX + k: v for k, v in out.items()}, **heads}}
     report = ConversionReport(str(checkpoint.path), "multimodal_moe", str(dst), task=task_kind if heads else None,
                               torchscale_config=torchscale_args(cfg.model))
+    if heads and task_kind == "vqa" and cfg.model.normalize_output:
+        report.notes.append("unilm's VQA model has no final LayerNorm, this one does (beit3.encoder.layer_norm.*): "
+                            "build unilm's model with normalize_output=True to use it")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if heads and task_kind == "vqa":  # the head's label order, in unilm's answer2label.txt format
