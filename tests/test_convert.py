@@ -303,6 +303,22 @@ def test_unexpected_checkpoints_are_refused_naming_the_keys(tmp_path, exported, 
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_heads_without_a_task_here_are_reported_by_name(tmp_path, exported):
+    heads = {"head.norm1.weight": torch.ones(256), "head.dense1.weight": torch.zeros(128, 256),  # NLVR2
+             "fc_norm.weight": torch.ones(64), "head.weight": torch.zeros(1000, 64),  # ImageNet
+             "mlm_head.weight": torch.zeros(4096, 64), "mim_head.weight": torch.zeros(8192, 64)}  # pretraining
+    torch.save({"module": {**{f"beit3.{k}": v for k, v in exported.items()}, **heads}}, tmp_path / "heads.pth")
+    report = from_beit3(tmp_path / "heads.pth", tmp_path / "out", heads=4)
+    assert report.task is None and report.source_format == "unilm"
+    assert report.not_converted == {"nlvr2": ["head.dense1.weight", "head.norm1.weight"],
+                                    "imagenet": ["fc_norm.weight", "head.weight"],
+                                    "mlm (captioning / pretraining)": ["mlm_head.weight"],
+                                    "mim (pretraining)": ["mim_head.weight"]}
+    assert "not converted (imagenet: no such task here): fc_norm.weight, head.weight" in report.summary()
+    assert load_file(tmp_path / "out" / "heads.safetensors") == {}
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text())["not_converted"] == report.not_converted
+
+
 def test_pickled_objects_need_trust_and_destinations_are_not_overwritten(tmp_path, exported):
     torch.save({"model": exported, "args": argparse_namespace()}, tmp_path / "with_args.pth")
     with pytest.raises(ConversionError, match="--trust-pickle"):
