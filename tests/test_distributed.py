@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import multimodal_moe as mm
+from data_pipelines.mixer import PretrainStep
 from multimodal_moe.distributed.expert_parallel import ExpertParallelExperts
 from multimodal_moe.training import Trainer
 
@@ -28,6 +29,8 @@ STEPS = 3
 BASE = ["train.num_workers=0", "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=100",
         "task.text.batch_size=8", "task.text.max_len=32", "task.text.shuffle_buffer=20"]
 RETRIEVAL = [*BASE[:4], "task.train.batch_size=8", "task.train.shuffle_buffer=20"]
+MMM = [*BASE[:4], *[f"task.{s}.{k}" for s in ("image", "text", "image_text")
+                    for k in ("batch_size=8", "shuffle_buffer=20")]]
 # Routing statistics (balance loss, capacity) are per rank by design, as in GShard; without them
 # a sharded MoE step is the same computation as one process's.
 MOE_EXACT = ["model.moe_ffn.capacity_factor=null", "model.moe_ffn.balance_loss_weight=0.0",
@@ -70,7 +73,10 @@ def global_batches(cfg: mm.Config) -> list:
 
 
 def rank_share(batch, rank: int):
-    """This rank's rows of a global batch (a retrieval batch's captions renumbered)."""
+    """This rank's rows of a global batch (a retrieval batch's captions renumbered; each stream
+    of a pretraining step split)."""
+    if isinstance(batch, PretrainStep):
+        return dataclasses.replace(batch, **{name: rank_share(b, rank) for name, b in batch.batches().items()})
     rows = slice(rank * (len(batch) // WORLD), (rank + 1) * (len(batch) // WORLD))
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
     share = {k: v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == len(batch) else v
@@ -101,9 +107,11 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
     # the CLIP loss over features gathered with their gradient (its encoder has an X-MoE layer)
     ("finetune/retrieval_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
-], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp"])
+    # masked data modeling: each part the mean over the global batch's masked positions
+    ("beit3/debug", ["train.data_parallel=ddp"]),
+], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp", "mmm-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
-    base = RETRIEVAL if preset.startswith("finetune/") else BASE
+    base = RETRIEVAL if preset.startswith("finetune/") else MMM if preset.startswith("beit3/") else BASE
     cfg = mm.load_config(preset, [*base, *parallel])
     single_cfg = mm.load_config(preset, [*base, *[p for p in parallel if not p.startswith("train.")]])
     batches = global_batches(single_cfg)

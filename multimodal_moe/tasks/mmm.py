@@ -14,11 +14,16 @@ weighted per stream (``loss_weights``; BEiT-3 does not state its weights, 1:1:1 
 summed MoE auxiliary losses of every pass. The heads are linear maps of the final hidden states
 (BEiT v2's ``lm_head``); the MLM head may share the text embedding's weights (as BERT's does).
 BEiT-3's pretraining code was never released; this follows the paper and BEiT v2's MIM code.
+
+Across data-parallel ranks each part is the mean over the masked positions of the *global*
+batch: ranks mask different numbers of positions, so each rank's mean is weighted by its share
+of the global count (one all-reduce of four counts per step) before DDP averages the gradients.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
@@ -158,6 +163,18 @@ def _cross_entropy(logits_MV: torch.Tensor, targets_M: torch.Tensor) -> tuple[to
     return F.cross_entropy(logits_MV, targets_M), (logits_MV.argmax(-1) == targets_M).float().mean()
 
 
+def _global_weights(counts: list[int]) -> list[torch.Tensor]:
+    """For per-rank means over ``counts`` positions: the factors (local / global count x world
+    size) that make the mean over ranks of the weighted means the mean over all positions.
+    All ones in one process; 0 where no rank has a position."""
+    local = torch.tensor(counts, dtype=torch.float64)  # CPU: the process group always has gloo for it
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(torch.ones_like(local).float())
+    total = local.clone()
+    dist.all_reduce(total)
+    return list(torch.where(total > 0, local * dist.get_world_size() / total.clamp(min=1), 0).float())
+
+
 class MaskedDataModeling(Task):
     """The ``mmm`` task: the encoder, a masked-patch head and a masked-token head."""
 
@@ -210,7 +227,17 @@ class MaskedDataModeling(Task):
         parts: dict[str, torch.Tensor] = {}
         total, aux, samples, tokens, stats = 0.0, 0.0, 0, 0, []
 
+        # the global-batch weight of each part's mean (see the module docstring), in a fixed order
+        # so that every rank makes the same all-reduce
+        image, text, pairs = step.image, step.text, step.image_text
+        masked = {"image_mim": 0 if image is None else int(image.image_mask_BP.sum()),
+                  "text_mlm": 0 if text is None else int((text.mlm_labels_BL != -100).sum()),
+                  "image_text_mim": 0 if pairs is None else int(pairs.image_mask_BP.sum()),
+                  "image_text_mlm": 0 if pairs is None else int((pairs.mlm_labels_BL != -100).sum())}
+        weights = dict(zip(masked, _global_weights(list(masked.values()))))
+
         def record(name: str, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            values = tuple(v * weights[name].to(v.device) for v in values)
             parts[f"{name}_loss"] = values[0].detach()
             if len(values) > 1:
                 parts[f"{name}_acc"] = values[1].detach()
