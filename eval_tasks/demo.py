@@ -13,7 +13,6 @@ with its checkpoints, metrics and ``results.json``) and ``demo.json`` with the t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def _schedule(steps: int) -> list[str]:
 def _finetune(preset: str, init: Path, run_dir: Path, steps: int, progress: bool, extra: list[str]) -> dict:
     checkpoint = Checkpoint.open(init)
     cfg = load_config(preset, [*_schedule(steps), *extra])
-    cfg = dataclasses.replace(cfg, model=checkpoint.config.model)  # the backbone as it was pretrained
+    cfg = checkpoint.finetune_config(cfg)
     train(cfg, run_dir, progress=progress, init=init)
     return evaluate_checkpoint(Checkpoint.open(run_dir), cfg, run_dir, progress=progress)
 

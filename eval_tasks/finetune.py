@@ -68,7 +68,7 @@ class ImageTextFinetune(Task):
         super().__init__(model)
         cfg.check_model(model.cfg)
         self.cfg = cfg
-        self.tokenizer = cfg.tokenizer.load()
+        self.tokenizer = cfg.tokenizer.load(model.cfg.vocab_size)
 
     def uses_every_parameter(self) -> bool:
         return False  # the encoder's mask token serves masked pretraining only

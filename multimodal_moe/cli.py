@@ -125,8 +125,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .training import Checkpoint
 
     cfg = load_config(args.config, args.set)
-    if args.init is not None:  # the backbone as it was pretrained, whatever its FFN kinds
-        cfg = dataclasses.replace(cfg, model=Checkpoint.open(args.init).config.model)
+    if args.init is not None:
+        cfg = Checkpoint.open(args.init).finetune_config(cfg)
     code = _train(args, cfg, "finetune", init=args.init)
     if code:
         return code

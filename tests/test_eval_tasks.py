@@ -3,6 +3,7 @@ weights, to results.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -193,3 +194,23 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     for stage in ("pretrain", "vqa", "retrieval"):
         assert (tmp_path / stage / "checkpoints" / "latest" / "model.safetensors").is_file()
     assert mm.load_checkpoint(tmp_path / "vqa").cfg == mm.load_checkpoint(tmp_path / "pretrain").cfg
+
+
+def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runtime_fields_from_its_config(
+        tmp_path):
+    from multimodal_moe.training import Checkpoint, save_checkpoint
+
+    pretrain = mm.load_config("beit3/debug")
+    save_checkpoint(tmp_path, 1, task=build_task(pretrain), state={}, cfg=pretrain)
+    asked = mm.load_config("finetune/vqa_debug", ["model.drop_path=0.1", "model.grad_checkpointing=true"])
+    cfg = Checkpoint.open(tmp_path).finetune_config(asked)
+    assert cfg.model == dataclasses.replace(pretrain.model, drop_path=0.1, grad_checkpointing=True)
+    assert cfg.model.moe_ffn is None and asked.model.moe_ffn is not None  # dense, as pretrained
+    assert cfg.task == asked.task and cfg.train == asked.train
+
+
+@pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug", "beit3/debug", "lm/debug"])
+def test_a_tokenizer_with_more_ids_than_the_embedding_is_a_config_error(preset):
+    cfg = mm.load_config(preset, ["model.vocab_size=1000"])
+    with pytest.raises(mm.ConfigError, match="has 4096 ids but the model's text embedding only 1000 rows"):
+        build_task(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -53,6 +54,14 @@ class ModelConfig(Registry):
     moe_ffn: FFNConfig | None = None
     moe_every: int = 0
     moe_layers: tuple[int, ...] = ()
+
+    # fields that change how the model runs, not its weights: a fine-tuning config sets them for
+    # a backbone whose architecture comes from a checkpoint (mmoe finetune --init)
+    RUNTIME_FIELDS = ("drop_path", "grad_checkpointing", "attention_backend")
+
+    def with_runtime_fields_of(self, other: ModelConfig) -> ModelConfig:
+        """This architecture with ``other``'s :attr:`RUNTIME_FIELDS`."""
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.RUNTIME_FIELDS})
 
     def check(self) -> None:
         for name in ("depth", "dim", "heads"):

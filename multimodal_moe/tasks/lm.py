@@ -65,10 +65,7 @@ class LanguageModeling(Task):
         super().__init__(model)
         cfg.check_model(model.cfg)
         self.cfg = cfg
-        self.tokenizer = cfg.tokenizer.load()
-        if self.tokenizer.vocab_size > model.cfg.vocab_size:
-            raise ConfigError("tokenizer", f"{cfg.tokenizer.path} has {self.tokenizer.vocab_size} ids but the model's "
-                                           f"vocabulary only {model.cfg.vocab_size}; raise model.vocab_size")
+        self.tokenizer = cfg.tokenizer.load(model.cfg.vocab_size)
 
     def forward(self, batch: LMBatch) -> TaskOutput:
         inputs_BT, targets_BT = batch.ids_BT[:, :-1], batch.ids_BT[:, 1:]

@@ -183,10 +183,7 @@ class MaskedDataModeling(Task):
         self.cfg = cfg
         mcfg: MultiwayEncoderConfig = model.cfg
         cfg.check_model(mcfg)
-        self.tokenizer = cfg.tokenizer.load() if (cfg.text or cfg.image_text) else None
-        if self.tokenizer is not None and self.tokenizer.vocab_size > mcfg.vocab_size:
-            raise ConfigError("tokenizer", f"{cfg.tokenizer.path} has {self.tokenizer.vocab_size} ids but the model's "
-                                           f"text embedding only {mcfg.vocab_size} rows; raise model.vocab_size")
+        self.tokenizer = cfg.tokenizer.load(mcfg.vocab_size) if (cfg.text or cfg.image_text) else None
         self.visual_targets = cfg.visual_targets.build(mcfg.patch_size) if (cfg.image or cfg.image_text) else None
         if self.visual_targets is not None:
             out = self.visual_targets.num_classes or 3 * mcfg.patch_size ** 2

@@ -79,11 +79,19 @@ class TokenizerConfig(Configurable):
     path: str = "bundled:tokenizer.model"
     layout: Literal["auto", "beit3", "xlmr"] = "auto"
 
-    def load(self) -> Tokenizer:
+    def load(self, vocab_size: int | None = None) -> Tokenizer:
+        """The tokenizer; with ``vocab_size`` (the model's text embedding rows), a config error
+        unless every id it produces has a row."""
         path = data_path(self.path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer {self.path!r} not found (looked at {path})")
-        return Tokenizer.load(path, self.layout)
+        tokenizer = Tokenizer.load(path, self.layout)
+        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+            raise ConfigError("tokenizer", f"{self.path} has {tokenizer.vocab_size} ids but the model's text "
+                                           f"embedding only {vocab_size} rows; use the model's own tokenizer (for "
+                                           f"converted BEiT-3 weights, beit3.spm with layout xlmr) or raise "
+                                           f"model.vocab_size")
+        return tokenizer
 
 
 class SingleStream:

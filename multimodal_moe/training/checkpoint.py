@@ -20,6 +20,7 @@ that share storage (a tied output projection) are stored once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -245,3 +246,9 @@ class Checkpoint:
 
     def training_state(self) -> dict[str, Any]:
         return self._read(torch.load, STATE_FILE, weights_only=True, map_location="cpu")
+
+    def finetune_config(self, cfg: Config) -> Config:
+        """``cfg`` for a run that starts from this checkpoint's backbone: the model as it was
+        trained (whatever its FFN kinds), with ``cfg``'s drop path, gradient checkpointing and
+        attention backend."""
+        return dataclasses.replace(cfg, model=self.config.model.with_runtime_fields_of(cfg.model))
