@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from multimodal_moe.config import Config, dump_config
+from multimodal_moe.configurable import to_dict
 from multimodal_moe.layers.ffn import DenseFFNConfig
 from multimodal_moe.layers.multiway import TEXT, VISION
 from multimodal_moe.models import MultiwayEncoderConfig
@@ -146,6 +147,7 @@ class ConversionReport:
         not_converted: unilm head name -> its keys, for heads without a task here.
         notes: anything the user should know (assumed head count, resized positions, ...).
         torchscale_config: the ``EncoderConfig`` keyword arguments of the model.
+        tokenizer: the tokenizer the weights expect (also in the task config, when there is one).
     """
 
     source: str
@@ -155,10 +157,13 @@ class ConversionReport:
     not_converted: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     torchscale_config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"converted {self.source} ({self.source_format}) -> {self.destination}",
                  f"heads: {self.task or 'none (backbone only)'}"]
+        if self.tokenizer:
+            lines.append(f"tokenizer: {self.tokenizer['path']} ({self.tokenizer['layout']} layout)")
         lines += [f"not converted ({name}: no such task here): {_listing(keys)}"
                   for name, keys in self.not_converted.items()]
         lines += [f"note: {n}" for n in self.notes]
@@ -449,7 +454,7 @@ def from_beit3(src: str | os.PathLike, dst: str | os.PathLike, *, heads: int | N
     run_cfg = Config(model=cfg, task=task)
     report = ConversionReport(str(src), source_format, str(dst), task=None if task is None else task.kind,
                               not_converted={k: sorted(v) for k, v in others.items()}, notes=notes,
-                              torchscale_config=torchscale_args(cfg))
+                              torchscale_config=torchscale_args(cfg), tokenizer=to_dict(tok))
 
     def write(tmp: Path) -> None:
         save_weights(model.state_dict(), tmp / MODEL_FILE, 0)

@@ -28,12 +28,12 @@ from multimodal_moe.training.checkpoint import save_checkpoint
 NEEDS_TORCHSCALE = "the torchscale 0.3.0 reference is not installed (pip install --no-deps torchscale==0.3.0 " \
                    "fairscale==0.4.0; make test does)"
 
-# (EncoderConfig overrides, heads): widths, depths, patch grids, channels, with and without the final LN
+# EncoderConfig overrides (vocabularies of 4096 fit the bundled tokenizer the task tests load): widths, depths, patch grids, channels, with and without the final LN
 SIZES = [
     dict(encoder_embed_dim=64, encoder_attention_heads=4, encoder_ffn_embed_dim=128, encoder_layers=2,
-         img_size=32, patch_size=8, vocab_size=100, max_source_positions=40, normalize_output=True),
+         img_size=32, patch_size=8, vocab_size=4096, max_source_positions=40, normalize_output=True),
     dict(encoder_embed_dim=48, encoder_attention_heads=3, encoder_ffn_embed_dim=80, encoder_layers=3,
-         img_size=24, patch_size=6, vocab_size=50, max_source_positions=20, normalize_output=False),
+         img_size=24, patch_size=6, vocab_size=4096, max_source_positions=20, normalize_output=False),
     dict(encoder_embed_dim=32, encoder_attention_heads=2, encoder_ffn_embed_dim=64, encoder_layers=1,
          img_size=20, patch_size=4, in_chans=1, vocab_size=30, max_source_positions=12, normalize_output=True),
 ]
@@ -85,6 +85,8 @@ def test_torchscale_beit3_converts_to_the_same_function(tmp_path, overrides):
     torch.save(theirs.state_dict(), tmp_path / "beit3.pt")
     report = from_beit3(tmp_path / "beit3.pt", tmp_path / "ours", heads=overrides["encoder_attention_heads"])
     assert report.source_format == "torchscale" and report.task is None and not report.not_converted
+    assert json.loads((tmp_path / "ours" / "conversion.json").read_text())["tokenizer"] == {"path": "beit3.spm",
+                                                                                          "layout": "xlmr"}
     ours = mm.load_checkpoint(tmp_path / "ours")
     assert ours.cfg.normalize_output == overrides["normalize_output"]
     assert sum(p.numel() for p in ours.parameters()) == sum(
