@@ -122,6 +122,9 @@ class VQA(ImageTextFinetune):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def resolved_config(self) -> VQAConfig:
+        return dataclasses.replace(self.cfg, answers=tuple(self.answers))
+
     def lr_scales(self) -> dict[str, float]:
         return {n: self.cfg.head_lr_scale for n, _ in self.named_parameters() if n.startswith(("pooler.", "head."))}
 

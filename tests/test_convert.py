@@ -28,7 +28,8 @@ from multimodal_moe.training.checkpoint import save_checkpoint
 NEEDS_TORCHSCALE = "the torchscale 0.3.0 reference is not installed (pip install --no-deps torchscale==0.3.0 " \
                    "fairscale==0.4.0; make test does)"
 
-# EncoderConfig overrides (vocabularies of 4096 fit the bundled tokenizer the task tests load): widths, depths, patch grids, channels, with and without the final LN
+# EncoderConfig overrides: widths, depths, patch grids, channels, with and without the final LN
+# (vocabularies of 4096 fit the bundled tokenizer that the task tests load)
 SIZES = [
     dict(encoder_embed_dim=64, encoder_attention_heads=4, encoder_ffn_embed_dim=128, encoder_layers=2,
          img_size=32, patch_size=8, vocab_size=4096, max_source_positions=40, normalize_output=True),

@@ -82,6 +82,17 @@ def test_vqa_finetune_writes_results(tmp_path, capsys, pretrain_preset):
     assert main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["vqa_accuracy"] == results["vqa_accuracy"]
+    # the checkpoint holds its head's answer list: a config whose training shards would give
+    # another vocabulary (here the held-out split's) still scores with the checkpoint's
+    from multimodal_moe.training import Checkpoint
+
+    answers = Checkpoint.open(run).config.task.answers
+    assert list(answers) == build_answer_vocab(["bundled:vqa/train"], 1)
+    assert build_answer_vocab(["bundled:vqa/val"], 1) != list(answers)
+    assert main(["evaluate", "--checkpoint", str(run), "--config", "finetune/vqa_debug", "--no-progress",
+                 "--set", "task.train.shards=[bundled:vqa/val]", "--out", str(tmp_path / "other")]) == 0
+    other = json.loads((tmp_path / "other" / "results.json").read_text())
+    assert other["vqa_accuracy"] == results["vqa_accuracy"]
 
 
 def test_evaluate_refuses_a_checkpoint_without_the_task_head(tmp_path, capsys):

@@ -119,6 +119,11 @@ class Task(nn.Module):
         """This task's training stream for one rank; every random choice derives from ``seed``."""
         raise NotImplementedError
 
+    def resolved_config(self) -> TaskConfig:
+        """The task's config with whatever it settled when built that its weights depend on (a
+        VQA answer list drawn from the shards); checkpoints store this one."""
+        return self.cfg
+
     def lr_scales(self) -> dict[str, float]:
         """Parameter name -> learning-rate multiplier (e.g. a fine-tuning head's); others 1."""
         return {}

@@ -18,6 +18,7 @@ on CPU with the same thread count).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import sys
@@ -172,11 +173,8 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        checkpoint = None
-        if resume:
-            checkpoint = Checkpoint.open(self.ckpt_dir)
-            checkpoint.check_compatible(cfg, sections=("model", "task", "seed"))
-        elif any(self.ckpt_dir.glob("step_*")):
+        checkpoint = Checkpoint.open(self.ckpt_dir) if resume else None
+        if not resume and any(self.ckpt_dir.glob("step_*")):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
                                   f"or choose a new --run-dir")
 
@@ -185,6 +183,10 @@ class Trainer:
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(tc.precision, env.device)
         self.task = task = build_task(cfg)
+        # what the task settled at build time (a VQA answer list) goes into the checkpoints
+        self.cfg = cfg = dataclasses.replace(cfg, task=task.resolved_config())
+        if checkpoint is not None:
+            checkpoint.check_compatible(cfg, sections=("model", "task", "seed"))
         if init is not None and checkpoint is None:
             start = Checkpoint.open(init)
             start.check_compatible(cfg, sections=("model",))
