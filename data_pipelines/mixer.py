@@ -35,6 +35,11 @@ class PretrainStep:
     def batches(self) -> dict[str, ImageBatch | TextBatch | ImageTextBatch]:
         return {name: b for name in STREAMS if (b := getattr(self, name)) is not None}
 
+    def to(self, device, non_blocking: bool = False) -> PretrainStep:
+        """A copy with every present batch on ``device``."""
+        return dataclasses.replace(self, **{name: b.to(device, non_blocking=non_blocking)
+                                            for name, b in self.batches().items()})
+
 
 class PretrainMixer:
     """Yields :class:`PretrainStep` forever from resampled :class:`StreamLoader` s.

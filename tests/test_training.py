@@ -249,6 +249,47 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def _rows(batch, rows: slice):
+    """Rows of a batch (every field indexed by sample); of each stream of a pretraining step."""
+    import dataclasses
+
+    from data_pipelines.mixer import PretrainStep
+
+    if isinstance(batch, PretrainStep):
+        return dataclasses.replace(batch, **{name: _rows(b, rows) for name, b in batch.batches().items()})
+    return type(batch)(**{f.name: v[rows] if isinstance(v := getattr(batch, f.name), (torch.Tensor, list))
+                          and len(v) == len(batch) else v for f in dataclasses.fields(batch)})
+
+
+def test_masked_data_modeling_accumulation_equals_one_big_batch(tmp_path):
+    """Halves mask different numbers of positions; each part is still the mean over the update's."""
+    from multimodal_moe.tasks.mmm import _masked_counts
+    from multimodal_moe.training import Trainer
+
+    overrides = [f"task.{s}.batch_size=8" for s in ("image", "text", "image_text")]
+    cfg = config("beit3/debug", *overrides)
+    steps = iter(build_task(cfg).train_data(seed=0, num_workers=0))
+    one = Trainer(cfg, tmp_path / "one", progress=False)
+    two = Trainer(config("beit3/debug", *overrides, "train.grad_accum=2"), tmp_path / "two", progress=False)
+    for _ in range(3):
+        big = next(steps)
+        halves = [_rows(big, slice(0, 3)), _rows(big, slice(3, 8))]
+        first, second = (_masked_counts(h) for h in halves)  # uneven: a mean of the halves' means would differ
+        assert any(a * 5 != b * 3 for a, b in zip(first, second))
+        a, b = one.train_step([big]), two.train_step(halves)
+        assert a.loss == pytest.approx(b.loss, abs=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    for (name, p), q in zip(one.task.named_parameters(), two.task.parameters()):
+        torch.testing.assert_close(p, q, atol=5e-6, rtol=1e-5, msg=name)  # fp32 sums in another order
+
+
+def test_a_pretraining_step_moves_every_stream(tmp_path):
+    step = next(iter(build_task(config("beit3/debug")).train_data(seed=0, num_workers=0)))
+    moved = step.to("meta")
+    assert moved.step == step.step and set(moved.batches()) == {"image", "text", "image_text"}
+    tensors = [v for b in moved.batches().values() for v in vars(b).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 7 and all(t.device.type == "meta" for t in tensors)
+
+
 def test_ema_is_checkpointed_and_resumed(tmp_path):
     cfg = config("lm/debug", "train.steps=8", "train.ema_decay=0.9")
     train(cfg, tmp_path / "full", progress=False)

@@ -119,6 +119,11 @@ class Task(nn.Module):
         """This task's training stream for one rank; every random choice derives from ``seed``."""
         raise NotImplementedError
 
+    def prepare_step(self, micro_batches: list) -> list:
+        """The micro-batches of one update as :meth:`forward` should get them, given all of them
+        at once (e.g. to normalise a loss over the whole update); by default unchanged."""
+        return micro_batches
+
     def resolved_config(self) -> TaskConfig:
         """The task's config with whatever it settled when built that its weights depend on (a
         VQA answer list drawn from the shards); checkpoints store this one."""

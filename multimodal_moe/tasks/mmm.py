@@ -15,12 +15,15 @@ summed MoE auxiliary losses of every pass. The heads are linear maps of the fina
 (BEiT v2's ``lm_head``); the MLM head may share the text embedding's weights (as BERT's does).
 BEiT-3's pretraining code was never released; this follows the paper and BEiT v2's MIM code.
 
-Across data-parallel ranks each part is the mean over the masked positions of the *global*
-batch: ranks mask different numbers of positions, so each rank's mean is weighted by its share
-of the global count (one all-reduce of four counts per step) before DDP averages the gradients.
+Each part is the mean over the masked positions of the whole update, however it is split over
+micro-batches (gradient accumulation) and data-parallel ranks: these mask different numbers of
+positions, so each one's mean is weighted by its share of the total (one all-reduce of four
+counts per update) before the trainer and DDP average them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -163,16 +166,29 @@ def _cross_entropy(logits_MV: torch.Tensor, targets_M: torch.Tensor) -> tuple[to
     return F.cross_entropy(logits_MV, targets_M), (logits_MV.argmax(-1) == targets_M).float().mean()
 
 
-def _global_weights(counts: list[int]) -> list[torch.Tensor]:
-    """For per-rank means over ``counts`` positions: the factors (local / global count x world
-    size) that make the mean over ranks of the weighted means the mean over all positions.
-    All ones in one process; 0 where no rank has a position."""
-    local = torch.tensor(counts, dtype=torch.float64)  # CPU: the process group always has gloo for it
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(torch.ones_like(local).float())
-    total = local.clone()
-    dist.all_reduce(total)
-    return list(torch.where(total > 0, local * dist.get_world_size() / total.clamp(min=1), 0).float())
+PARTS = ("image_mim", "text_mlm", "image_text_mim", "image_text_mlm")
+
+
+def _masked_counts(step: PretrainStep) -> list[int]:
+    """Masked positions of each loss part (:data:`PARTS`) in a step; 0 for an absent stream."""
+    image, text, pairs = step.image, step.text, step.image_text
+    return [0 if image is None else int(image.image_mask_BP.sum()),
+            0 if text is None else int((text.mlm_labels_BL != -100).sum()),
+            0 if pairs is None else int(pairs.image_mask_BP.sum()),
+            0 if pairs is None else int((pairs.mlm_labels_BL != -100).sum())]
+
+
+@dataclass
+class WeightedStep:
+    """A pretraining step and the weight of each loss part's mean that makes the update's loss
+    the mean over the masked positions of all its micro-batches on all ranks
+    (:meth:`MaskedDataModeling.prepare_step`)."""
+
+    step: PretrainStep
+    weights: dict[str, float]
+
+    def to(self, device, non_blocking: bool = False) -> WeightedStep:
+        return WeightedStep(self.step.to(device, non_blocking=non_blocking), self.weights)
 
 
 class MaskedDataModeling(Task):
@@ -219,22 +235,17 @@ class MaskedDataModeling(Task):
             logits = self.mlm_head(hidden_MD)
         return _cross_entropy(logits.float(), labels_BL[where_BL])
 
-    def forward(self, step: PretrainStep) -> TaskOutput:
+    def forward(self, step: PretrainStep | WeightedStep) -> TaskOutput:
         w = self.cfg.loss_weights
         parts: dict[str, torch.Tensor] = {}
         total, aux, samples, tokens, stats = 0.0, 0.0, 0, 0, []
 
-        # the global-batch weight of each part's mean (see the module docstring), in a fixed order
-        # so that every rank makes the same all-reduce
-        image, text, pairs = step.image, step.text, step.image_text
-        masked = {"image_mim": 0 if image is None else int(image.image_mask_BP.sum()),
-                  "text_mlm": 0 if text is None else int((text.mlm_labels_BL != -100).sum()),
-                  "image_text_mim": 0 if pairs is None else int(pairs.image_mask_BP.sum()),
-                  "image_text_mlm": 0 if pairs is None else int((pairs.mlm_labels_BL != -100).sum())}
-        weights = dict(zip(masked, _global_weights(list(masked.values()))))
+        if not isinstance(step, WeightedStep):
+            step = self.prepare_step([step])[0]
+        step, weights = step.step, step.weights
 
         def record(name: str, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            values = tuple(v * weights[name].to(v.device) for v in values)
+            values = tuple(v * weights[name] for v in values)
             parts[f"{name}_loss"] = values[0].detach()
             if len(values) > 1:
                 parts[f"{name}_acc"] = values[1].detach()
@@ -264,6 +275,22 @@ class MaskedDataModeling(Task):
             samples += len(b)
         parts["aux_loss"] = torch.as_tensor(aux).detach()
         return TaskOutput(total + aux, parts, samples, tokens, stats)
+
+    def prepare_step(self, micro_batches: list[PretrainStep]) -> list[WeightedStep]:
+        """Each micro-batch with its parts' weights: this micro-batch's share of the update's
+        masked positions (summed over micro-batches, all-reduced over ranks), times the number of
+        micro-batches and ranks that the trainer and DDP average over. In one process with one
+        micro-batch every weight is exactly 1."""
+        counts = [_masked_counts(step) for step in micro_batches]
+        totals = torch.tensor([sum(c[i] for c in counts) for i in range(len(PARTS))], dtype=torch.float64)
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)  # a CPU tensor: the process group always has gloo for it
+            world = dist.get_world_size()
+        scale = world * len(micro_batches)
+        return [WeightedStep(step, {name: c[i] * scale / totals[i].item() if totals[i] else 0.0
+                                    for i, name in enumerate(PARTS)})
+                for step, c in zip(micro_batches, counts)]
 
     def uses_every_parameter(self) -> bool:
         # a stream with a lower ratio skips steps, and with it a head or a modality's branch

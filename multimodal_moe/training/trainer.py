@@ -225,6 +225,7 @@ class Trainer:
         self.scheduler.step_update(self.step + 1)  # the lr of update step+1 (update 0 would have lr 0)
         self.optimizer.zero_grad(set_to_none=True)
         outputs, finite = [], True
+        micro_batches = self.task.prepare_step(micro_batches)
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.env.device) if hasattr(batch, "to") else batch
             last = i == len(micro_batches) - 1
