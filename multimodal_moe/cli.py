@@ -82,7 +82,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None) -> int:
     """Run ``cfg``'s training into ``args.run_dir`` (default ``runs/<preset>-<time>``); the exit code."""
-    from .training import CheckpointError, TrainingDiverged, train
+    from .training import CheckpointError, TrainingDiverged, TrainingStopped, train
 
     distributed, main_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0)) == 0
     if args.run_dir is None:
@@ -98,6 +98,10 @@ def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None)
     except (CheckpointError, TrainingDiverged) as e:
         print(f"mmoe: error: {e}", file=sys.stderr)
         return 1
+    except TrainingStopped as e:
+        if main_rank:
+            print(f"mmoe: {e} --run-dir {args.run_dir}", file=sys.stderr)
+        return 128 + 15  # the conventional exit status of a SIGTERM
     except KeyboardInterrupt:
         print(f"\nmmoe: interrupted; continue with the same command and --run-dir {args.run_dir} --resume",
               file=sys.stderr)

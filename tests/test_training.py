@@ -107,6 +107,37 @@ def test_a_run_killed_at_a_random_step_resumes_exactly(tmp_path, preset):
     assert reference.step == 24
 
 
+def test_sigterm_checkpoints_the_step_it_arrives_in_and_the_run_resumes_exactly(tmp_path):
+    """A preempted run (SIGTERM) finishes its step, checkpoints it though no checkpoint is due,
+    exits with 143, and --resume ends where an uninterrupted run does, bitwise."""
+    overrides = ["train.steps=24", "train.checkpoint_every=100"]  # no periodic checkpoint before the end
+    cfg = config("lm/xmoe_debug", *overrides)
+    train(cfg, tmp_path / "reference", progress=False)
+
+    run_dir = tmp_path / "stopped"
+    args = [sys.executable, "-m", "multimodal_moe.cli", "pretrain", "--config", "lm/xmoe_debug", "--run-dir",
+            str(run_dir), "--no-progress", *[f"--set={o}" for o in (*LM_FAST, *overrides)]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    try:
+        wait_for_step(run_dir, 8, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err.decode()
+    saved = Checkpoint.open(run_dir / "checkpoints").training_state()["step"]
+    assert 8 <= saved < 24
+    assert f"stopped by SIGTERM after step {saved}" in err.decode() and "--resume" in err.decode()
+
+    resumed = train(cfg, run_dir, resume=True, progress=False)
+    assert resumed.step == 24
+    assert comparable(read_records(run_dir)) == comparable(read_records(tmp_path / "reference"))
+    ours = load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+    theirs = load_file(tmp_path / "reference" / "checkpoints" / "latest" / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_checkpoints_are_kept_pruned_and_loadable(tmp_path):
     cfg = config("beit3/xmoe_debug", "train.steps=12", "train.keep_checkpoints=2")
     train(cfg, tmp_path, progress=False)

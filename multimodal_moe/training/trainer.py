@@ -21,7 +21,9 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +41,46 @@ from ..distributed import init_distributed, parallelize
 from ..distributed.expert_parallel import consolidate_experts, localize_experts
 from ..runtime import keep_freed_memory
 from ..tasks import Task, default_task
-from .checkpoint import Checkpoint, CheckpointError, CheckpointWriter, config_differences, load_weights, task_states
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointWriter,
+    config_differences,
+    load_weights,
+    step_dir_name,
+    task_states,
+)
 from .metrics import MetricsLog, StepMeter
 
-__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "build_task", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingDiverged", "TrainingStopped", "build_task", "train"]
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM (a scheduler's preemption) arrived: the run stopped after the step it was in and
+    wrote a checkpoint of that step to resume from."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {checkpoint}; continue with --resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A list that gets an entry when SIGTERM arrives, while the block runs (the previous handler
+    is put back after; outside the main thread, where handlers cannot be set, nothing changes)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -262,7 +296,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to ``train.steps``; raises :class:`TrainingDiverged` after ``max_bad_steps``
-        consecutive bad steps."""
+        consecutive bad steps, and :class:`TrainingStopped` after checkpointing the current step
+        when SIGTERM arrives (on any rank: all stop at the same step)."""
         tc, records = self.tc, []
         batches = iter(self.data)
         bar = None
@@ -273,7 +308,11 @@ class Trainer:
                        dynamic_ncols=True)
         writer = self._tensorboard() if tc.tensorboard and self.env.is_main else None
         interval_start = time.perf_counter()
-        try:
+        with contextlib.ExitStack() as stack:
+            sigterm = stack.enter_context(_sigterm_flag())
+            for closable in (bar, writer):
+                if closable is not None:
+                    stack.callback(closable.close)
             while self.step < tc.steps:
                 self.train_step([next(batches) for _ in range(tc.grad_accum)])
                 if self.bad_in_a_row >= tc.max_bad_steps:
@@ -293,17 +332,16 @@ class Trainer:
                     records.append(record)
                     self.meter.reset()
                     interval_start = time.perf_counter()
-                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                saved = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
+                if saved:
                     self.save()
                 if bar is not None:
                     bar.update(1)
                     if record is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-        finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+                if self.step < tc.steps and self.env.mean([float(bool(sigterm))])[0] > 0:
+                    raise TrainingStopped(self.step, self.ckpt_dir / step_dir_name(self.step) if saved
+                                          else self.save())
         return TrainResult(self.run_dir, self.step, records)
 
     def _record(self, elapsed: float) -> dict[str, Any]:
