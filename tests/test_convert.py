@@ -345,6 +345,17 @@ def test_the_head_count_is_asked_for_when_it_cannot_be_assumed(tmp_path):
     assert to_dict(Checkpoint.open(tmp_path / "out").config.model) == to_dict(cfg.model)
 
 
+def test_safetensors_files_convert_like_pickles(tmp_path, exported):
+    from safetensors.torch import save_file
+
+    save_file({f"beit3.{k}": v.contiguous() for k, v in exported.items()}, tmp_path / "beit3.safetensors")
+    torch.save(exported, tmp_path / "beit3.pt")
+    assert from_beit3(tmp_path / "beit3.safetensors", tmp_path / "a", heads=4).source_format == "unilm"
+    from_beit3(tmp_path / "beit3.pt", tmp_path / "b", heads=4)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def argparse_namespace():
     import argparse
 
