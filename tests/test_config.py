@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 import multimodal_moe as mm
+from multimodal_moe.config import resolve_preset
 from multimodal_moe.configurable import ConfigError, parse, to_dict
 from multimodal_moe.layers.ffn import DenseFFNConfig
 from multimodal_moe.models import DecoderLMConfig, MultiwayEncoderConfig
@@ -62,6 +63,19 @@ def test_overrides_are_typed():
     assert cfg.model.depth == 5 and cfg.seed == 3 and cfg.model.grad_checkpointing is True
     assert cfg.model.drop_path == 0.0 and isinstance(cfg.model.drop_path, float)
     assert cfg.model.ffn == DenseFFNConfig(hidden_dim=128, activation="swiglu")
+
+
+def test_exponent_floats_without_a_point_are_numbers(tmp_path):
+    # PyYAML reads 3e-4 as a string (YAML 1.1 wants 3.0e-4); a float field takes it as the number
+    cfg = mm.load_config("beit3/debug", ["train.lr=3e-4", "train.min_lr=1E-6", "train.eps=+2.5e-8"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.eps) == (3e-4, 1e-6, 2.5e-8)
+    (tmp_path / "run.yaml").write_text("extends: " + str(resolve_preset("beit3/debug")) + "\ntrain: {lr: 1e-3}\n")
+    assert mm.load_config(tmp_path / "run.yaml").train.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"model\.drop_path: must be in \[0, 1\), got -0\.1"):
+        mm.load_config("beit3/debug", ["model.drop_path=-1e-1"])  # read as a number, then range-checked
+    for text in ("1e", "e-4", "3e-4x", "nan", "1e-4.5"):
+        with pytest.raises(ConfigError, match=r"train\.lr: expected a number"):
+            mm.load_config("beit3/debug", [f"train.lr={text}"])
 
 
 @pytest.mark.parametrize("override, key, words", [
