@@ -38,7 +38,8 @@ def _finetune(preset: str, init: Path, run_dir: Path, steps: int, progress: bool
     cfg = load_config(preset, [*_schedule(steps), *extra])
     cfg = checkpoint.finetune_config(cfg)
     train(cfg, run_dir, progress=progress, init=init)
-    return evaluate_checkpoint(Checkpoint.open(run_dir), cfg, run_dir, progress=progress)
+    trained = Checkpoint.open(run_dir)
+    return evaluate_checkpoint(trained, trained.config, run_dir, progress=progress)
 
 
 def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps: int = 1500, progress: bool = True,

@@ -65,9 +65,7 @@ class ImageTextFinetune(Task):
     """Base of the image-text fine-tuning tasks: config, tokenizer, transforms, streams."""
 
     def __init__(self, cfg: ImageTextFinetuneConfig, model: nn.Module):
-        super().__init__(model)
-        cfg.check_model(model.cfg)
-        self.cfg = cfg
+        super().__init__(cfg, model)
         self.tokenizer = cfg.tokenizer.load(model.cfg.vocab_size)
 
     def uses_every_parameter(self) -> bool:

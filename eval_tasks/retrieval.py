@@ -30,6 +30,7 @@ from torch import nn
 from data_pipelines.batches import RetrievalBatch
 from data_pipelines.processors import RetrievalProcessor
 from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.streams import TextStreamConfig
 
@@ -173,21 +174,12 @@ class Retrieval(ImageTextFinetune):
 
 
 def _plot_recall(curves: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     ks = list(range(1, 11))
-    for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
-        ax.plot(ks, [curves[f"{direction}_r{k}"] for k in ks], marker="o", label=label)
-    ax.set_xlabel("k")
-    ax.set_ylabel("recall@k (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(5, 3.5)) as (_, ax):
+        for direction, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+            ax.plot(ks, [curves[f"{direction}_r{k}"] for k in ks], marker="o", label=label)
+        ax.set_xlabel("k")
+        ax.set_ylabel("recall@k (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend()

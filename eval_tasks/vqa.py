@@ -35,6 +35,7 @@ from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, decode_json
 from data_pipelines.streams import tar_samples
 from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
 from multimodal_moe.tasks.streams import TextStreamConfig
 
@@ -174,18 +175,9 @@ class VQA(ImageTextFinetune):
 
 
 def _plot_per_type(per_type: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(per_type) + 1.2))
     names = list(per_type)
-    ax.barh(names, [per_type[n] for n in names], color="tab:blue")
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("VQA accuracy (%)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6, 0.4 * len(per_type) + 1.2)) as (_, ax):
+        ax.barh(names, [per_type[n] for n in names], color="tab:blue")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("VQA accuracy (%)")
+        ax.invert_yaxis()

@@ -134,7 +134,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     code = _train(args, cfg, "finetune", init=args.init)
     if code:
         return code
-    results = evaluate_checkpoint(Checkpoint.open(args.run_dir), cfg, Path(args.run_dir),
+    checkpoint = Checkpoint.open(args.run_dir)  # its config as trained (with e.g. the VQA answer list)
+    results = evaluate_checkpoint(checkpoint, checkpoint.config, Path(args.run_dir),
                                   progress=not args.no_progress)  # every rank scores its share
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"evaluation: {_summary(results)}; {Path(args.run_dir) / 'results.json'}")

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .plots import figure
+
 __all__ = ["inspect_run", "read_metrics"]
 
 
@@ -69,44 +71,33 @@ def summarize(records: list[dict[str, Any]]) -> str:
 
 
 def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in records]
     losses = [k for k in _scalars(records[-1]) if k == "loss" or k.endswith("_loss")]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in losses:
-        ax.plot(steps, [r.get(key, np.nan) for r in records], label=key, linewidth=2 if key == "loss" else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     written = [out_dir / "loss.png"]
-    fig.savefig(written[0], dpi=120)
-    plt.close(fig)
+    with figure(written[0], figsize=(7, 4)) as (_, ax):
+        for key in losses:
+            ax.plot(steps, [r.get(key, np.nan) for r in records], label=key, linewidth=2 if key == "loss" else 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
     keys = [k for k in records[-1].get("moe", {}) if "load" in records[-1]["moe"][k]]
     if keys:
-        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.2 + 1.6 * len(keys)), squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            loads = [r.get("moe", {}).get(key, {}).get("load") for r in records]
-            experts = len(records[-1]["moe"][key]["load"])
-            grid = np.array([row if row else [np.nan] * experts for row in loads]).T * experts
-            image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, np.nanmax(grid)),
-                              extent=(steps[0], steps[-1], experts - 0.5, -0.5), interpolation="nearest")
-            ax.set_ylabel(f"{key}\nexpert", fontsize=8)
-            fig.colorbar(image, ax=ax, label="load x E")
-        axes[-1, 0].set_xlabel("step")
-        fig.tight_layout()
         written.append(out_dir / "expert_load.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        with figure(written[-1], len(keys), 1, figsize=(7, 1.2 + 1.6 * len(keys)), squeeze=False) as (fig, axes):
+            for ax, key in zip(axes[:, 0], keys):
+                loads = [r.get("moe", {}).get(key, {}).get("load") for r in records]
+                experts = len(records[-1]["moe"][key]["load"])
+                grid = np.array([row if row else [np.nan] * experts for row in loads]).T * experts
+                image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, np.nanmax(grid)),
+                                  extent=(steps[0], steps[-1], experts - 0.5, -0.5), interpolation="nearest")
+                ax.set_ylabel(f"{key}\nexpert", fontsize=8)
+                fig.colorbar(image, ax=ax, label="load x E")
+            axes[-1, 0].set_xlabel("step")
     return written
 
 

@@ -218,6 +218,13 @@ def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runt
     assert cfg.model == dataclasses.replace(pretrain.model, drop_path=0.1, grad_checkpointing=True)
     assert cfg.model.moe_ffn is None and asked.model.moe_ffn is not None  # dense, as pretrained
     assert cfg.task == asked.task and cfg.train == asked.train
+    # and a run starts from it: the weights are the checkpoint's, drop path as asked
+    from multimodal_moe.training import Trainer
+
+    trainer = Trainer(cfg, tmp_path / "run", progress=False, init=tmp_path)
+    assert trainer.task.model.cfg.drop_path == 0.1
+    start = trainer.task.model.state_dict()
+    assert all(torch.equal(start[k], v) for k, v in Checkpoint.open(tmp_path).weights().items())
 
 
 @pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug", "beit3/debug", "lm/debug"])

@@ -108,9 +108,11 @@ class Task(nn.Module):
     """Base class: ``self.model`` is the backbone; subclasses add heads and define
     :meth:`forward` and :meth:`train_data`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, cfg: TaskConfig, model: nn.Module):
+        """Keep ``cfg`` and the backbone ``model``, after ``cfg.check_model(model.cfg)``."""
         super().__init__()
-        self.model = model
+        cfg.check_model(model.cfg)
+        self.cfg, self.model = cfg, model
 
     def forward(self, batch: Any) -> TaskOutput:
         raise NotImplementedError

@@ -62,9 +62,7 @@ class LanguageModeling(Task):
     """The ``lm`` task: next-token prediction with the decoder's own output projection."""
 
     def __init__(self, cfg: LanguageModelingConfig, model: nn.Module):
-        super().__init__(model)
-        cfg.check_model(model.cfg)
-        self.cfg = cfg
+        super().__init__(cfg, model)
         self.tokenizer = cfg.tokenizer.load(model.cfg.vocab_size)
 
     def forward(self, batch: LMBatch) -> TaskOutput:

@@ -195,10 +195,8 @@ class MaskedDataModeling(Task):
     """The ``mmm`` task: the encoder, a masked-patch head and a masked-token head."""
 
     def __init__(self, cfg: MaskedDataModelingConfig, model: nn.Module):
-        super().__init__(model)
-        self.cfg = cfg
+        super().__init__(cfg, model)
         mcfg: MultiwayEncoderConfig = model.cfg
-        cfg.check_model(mcfg)
         self.tokenizer = cfg.tokenizer.load(mcfg.vocab_size) if (cfg.text or cfg.image_text) else None
         self.visual_targets = cfg.visual_targets.build(mcfg.patch_size) if (cfg.image or cfg.image_text) else None
         if self.visual_targets is not None:

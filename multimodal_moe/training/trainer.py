@@ -194,7 +194,8 @@ class Trainer:
             has checkpoints is refused.
         progress: show a progress bar (rank 0).
         init: a checkpoint whose backbone weights replace the initial ones (fine-tuning); its
-            model config must equal ``cfg.model``. Ignored when resuming.
+            model config must equal ``cfg.model`` but for the run-time fields
+            (:attr:`ModelConfig.RUNTIME_FIELDS`). Ignored when resuming.
 
     Raises:
         CheckpointError: ``resume`` without a readable checkpoint, or one that does not fit.
@@ -222,8 +223,9 @@ class Trainer:
         if checkpoint is not None:
             checkpoint.check_compatible(cfg, sections=("model", "task", "seed"))
         if init is not None and checkpoint is None:
-            start = Checkpoint.open(init)
-            start.check_compatible(cfg, sections=("model",))
+            start = Checkpoint.open(init)  # the architecture must match; drop path and the like may differ
+            architecture = cfg.model.with_runtime_fields_of(start.config.model)
+            start.check_compatible(dataclasses.replace(cfg, model=architecture), sections=("model",))
             start.load_model_into(task.model)
         task.to(env.device)
         torch.manual_seed(cfg.seed + env.rank)
@@ -239,6 +241,8 @@ class Trainer:
         self.data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers)
         self.meter, self.log = StepMeter(), MetricsLog(self.run_dir / "metrics.jsonl")
         self.step = self.bad_steps = self.bad_in_a_row = 0
+        self.sigterm: list[int] = []  # filled by SIGTERM while fit runs
+        self.stop_requested = False  # SIGTERM reached some rank by the end of the last step
         if checkpoint is not None:
             self._restore(checkpoint)
         elif env.is_main:
@@ -274,7 +278,10 @@ class Trainer:
             outputs.append(out)
         self.parallel.finish_grads()
         grad_norm = self.parallel.clip_grad_norm(self.clip)
-        finite = self.env.mean([float(finite)])[0] == 1.0 and bool(torch.isfinite(grad_norm))
+        # one all-reduce: every rank's step finite, and whether any rank got SIGTERM (see fit)
+        all_finite, any_stop = self.env.mean([float(finite), float(bool(self.sigterm))])
+        finite = all_finite == 1.0 and bool(torch.isfinite(grad_norm))
+        self.stop_requested = any_stop > 0
         loss = sum(float(out.loss.detach()) for out in outputs) / len(outputs)
         if finite:
             self.optimizer.step()
@@ -309,7 +316,7 @@ class Trainer:
         writer = self._tensorboard() if tc.tensorboard and self.env.is_main else None
         interval_start = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            sigterm = stack.enter_context(_sigterm_flag())
+            self.sigterm = stack.enter_context(_sigterm_flag())
             for closable in (bar, writer):
                 if closable is not None:
                     stack.callback(closable.close)
@@ -339,7 +346,7 @@ class Trainer:
                     bar.update(1)
                     if record is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
-                if self.step < tc.steps and self.env.mean([float(bool(sigterm))])[0] > 0:
+                if self.stop_requested and self.step < tc.steps:
                     raise TrainingStopped(self.step, self.ckpt_dir / step_dir_name(self.step) if saved
                                           else self.save())
         return TrainResult(self.run_dir, self.step, records)
