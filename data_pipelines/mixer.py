@@ -40,6 +40,10 @@ class PretrainStep:
         return dataclasses.replace(self, **{name: b.to(device, non_blocking=non_blocking)
                                             for name, b in self.batches().items()})
 
+    def pin_memory(self) -> PretrainStep:
+        """A copy with every present batch in page-locked memory (already pinned ones as they are)."""
+        return dataclasses.replace(self, **{name: b.pin_memory() for name, b in self.batches().items()})
+
 
 class PretrainMixer:
     """Yields :class:`PretrainStep` forever from resampled :class:`StreamLoader` s.

@@ -78,9 +78,9 @@ class ImageTextFinetune(Task):
     def processor(self, train: bool) -> Processor:
         raise NotImplementedError
 
-    def train_data(self, *, seed: int, num_workers: int) -> SingleStream:
+    def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> SingleStream:
         return SingleStream(self.cfg.kind, self.cfg.train.loader(self.processor(True), seed=derive_seed(seed, 0),
-                                                                  num_workers=num_workers))
+                                                                  num_workers=num_workers, pin_memory=pin_memory))
 
     def eval_batches(self, num_workers: int = 0) -> StreamLoader:
         """One pass over ``eval_shards`` (this rank's share under torchrun: gather the results

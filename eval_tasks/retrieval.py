@@ -52,13 +52,15 @@ def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of matching rows; across ranks, this rank's rows against all ranks'."""
+    """Symmetric InfoNCE of matching rows; across ranks, this rank's rows against all ranks'.
+    In fp32 under autocast too (the similarities are the logits)."""
     all_images, all_texts = _gather_with_grad(image_BE), _gather_with_grad(text_BE)
     offset = dist.get_rank() * image_BE.shape[0] if all_images.shape[0] != image_BE.shape[0] else 0
     labels = torch.arange(image_BE.shape[0], device=image_BE.device) + offset
-    scale = logit_scale.exp().clamp(max=100)
-    return (F.cross_entropy(scale * image_BE @ all_texts.t(), labels)
-            + F.cross_entropy(scale * text_BE @ all_images.t(), labels)) / 2
+    with torch.autocast(image_BE.device.type, enabled=False):
+        scale = logit_scale.float().exp().clamp(max=100)
+        return (F.cross_entropy(scale * image_BE.float() @ all_texts.float().t(), labels)
+                + F.cross_entropy(scale * text_BE.float() @ all_images.float().t(), labels)) / 2
 
 
 def chance_recall(caption_image_N: torch.Tensor, images: int, ks=KS) -> dict[str, float]:
@@ -121,16 +123,17 @@ class Retrieval(ImageTextFinetune):
         return F.normalize(self.language_head(out.hidden[:, 0]).float(), dim=-1), out
 
     def forward(self, batch: RetrievalBatch) -> TaskOutput:
-        if not torch.equal(batch.caption_image_N.cpu(), torch.arange(len(batch))):
-            raise ValueError("training batches pair each image with one caption "
-                             "(RetrievalProcessor(all_captions=False))")
+        if batch.caption_image_N.shape[0] != len(batch):  # a shape: no host sync
+            raise ValueError(f"training batches pair each image with one caption (RetrievalProcessor("
+                             f"all_captions=False)); got {batch.caption_image_N.shape[0]} captions for {len(batch)} "
+                             f"images")
         image_BE, image_out = self.encode_images(batch.images_B3HW)
         text_BE, text_out = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
         loss = clip_loss(image_BE, text_BE, self.logit_scale)
         aux = image_out.aux_loss + text_out.aux_loss
         with torch.no_grad():
             i2t_acc = ((image_BE @ text_BE.t()).argmax(1) == torch.arange(len(batch), device=image_BE.device))
-        tokens = image_out.hidden.shape[0] * image_out.hidden.shape[1] + int((~batch.padding_mask_NL).sum())
+        tokens = image_out.hidden.shape[0] * image_out.hidden.shape[1] + (~batch.padding_mask_NL).sum()
         return TaskOutput(loss + aux, {"clip_loss": loss.detach(), "aux_loss": aux.detach(),
                                        "in_batch_i2t_acc": i2t_acc.float().mean(),
                                        "logit_scale": self.logit_scale.detach().exp().squeeze()},

@@ -138,7 +138,7 @@ class VQA(ImageTextFinetune):
         targets_BA = batch.targets_BA
         loss = F.binary_cross_entropy_with_logits(logits_BA, targets_BA, reduction="sum") / len(batch)
         score = targets_BA.gather(1, logits_BA.argmax(1, keepdim=True)).mean()  # VQAScore of the argmax
-        tokens = out.hidden.shape[0] * out.hidden.shape[1] if out.token_mask is None else int(out.token_mask.sum())
+        tokens = out.hidden.shape[0] * out.hidden.shape[1] if out.token_mask is None else out.token_mask.sum()
         return TaskOutput(loss + out.aux_loss, {"vqa_loss": loss.detach(), "vqa_score": score,
                                                 "aux_loss": out.aux_loss.detach()},
                           samples=len(batch), tokens=tokens, moe_stats=[out.moe_stats])

@@ -34,6 +34,9 @@ from .layers import DenseFFNConfig, FFNConfig, MixtureOfTokensConfig, MultiHeadM
 __all__ = ["bench_moe", "expert_macs_per_token", "moe_variants"]
 
 
+LAYOUT_VARIANTS = ("top2_of_8", "top2_of_32", "top8_of_64")
+
+
 def moe_variants(dense_hidden: int, activation: str = "gelu") -> dict[str, FFNConfig]:
     """The benchmarked FFNs, each with the expert multiply-adds of a dense FFN of width
     ``dense_hidden``."""
@@ -156,6 +159,10 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
     x_BTD = torch.randn(batch, seq, dim, requires_grad=True)
     variants = moe_variants(dense_hidden)
     steps = {name: _step_fn(cfg.build(dim), x_BTD) for name, cfg in variants.items()}
+    for name in LAYOUT_VARIANTS:  # the padded (E, C) layout, which fp32 on CUDA takes, vs the grouped one
+        padded = variants[name].build(dim)
+        padded.dispatch = "padded"
+        steps[f"padded/{name}"] = _step_fn(padded, x_BTD)
 
     hf_status, hf_pairs = "skipped", {}
     if huggingface:
@@ -188,6 +195,13 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
         if memory:
             entry["peak_step_memory_mb"] = _peak_step_memory_mb(name, batch, seq, dim, dense_hidden, tuned)
         report["variants"][name] = entry
+    report["dispatch_layouts"] = {
+        "note": "dropless top-k in fp32: grouped (sorted rows, torch._grouped_mm; on CUDA only bf16 has a grouped "
+                "kernel, fp32 would copy the offsets to the host) vs padded (an (E, C=N) buffer and batched "
+                "matmuls, no host sync; what TopKMoE picks for fp32 on CUDA and under torch.compile)",
+        "variants": {name: {"grouped_tokens_per_s": round(rate[name]), "padded_tokens_per_s": round(rate[f"padded/{name}"]),
+                            "padded_vs_grouped": round(rate[f"padded/{name}"] / rate[name], 3)}
+                     for name in LAYOUT_VARIANTS}}
     report["huggingface_mixtral_eager"] = {"transformers": hf_status, "variants": {
         name: {"ours_tokens_per_s": round(rate[ours]), "hf_tokens_per_s": round(rate[theirs]),
                "ours_vs_hf": round(rate[ours] / rate[theirs], 3),

@@ -9,6 +9,7 @@
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
     mmoe bench moe [...]                          FFN family speed at equal active FLOPs, JSON
+    mmoe bench gpu [--out FILE] [--quick]         CUDA acceptance run: training, kernels, torchrun, speed
     mmoe data {write-shards,inspect,train-tokenizer,build-demo} ...   data_pipelines.cli
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -198,10 +200,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_moe_main
+BENCH_SUITES = {"moe": "bench", "gpu": "bench_gpu"}  # suite -> module of this package whose main(argv) runs it
 
-    return bench_moe_main(args.args)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return importlib.import_module(f".{BENCH_SUITES[args.suite]}", __package__).main(args.args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -288,8 +291,9 @@ def parser() -> argparse.ArgumentParser:
     smoke.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     smoke.set_defaults(run=cmd_smoke)
 
-    bench = sub.add_parser("bench", help="speed benchmarks, JSON out (mmoe bench moe --help)", add_help=False)
-    bench.add_argument("suite", choices=["moe"])
+    bench = sub.add_parser("bench", help="benchmarks, JSON out (mmoe bench moe --help, mmoe bench gpu --help)",
+                           add_help=False)
+    bench.add_argument("suite", choices=sorted(BENCH_SUITES))
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(run=cmd_bench)
 

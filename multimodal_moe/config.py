@@ -40,6 +40,8 @@ class TrainConfig(Configurable):
         precision: auto (bf16 autocast on a GPU that supports it, fp32 otherwise) | fp32 | bf16.
         ema_decay: keep an exponential moving average of the weights (timm ModelEmaV3); 0 disables it.
         compile: compile the backbone with ``torch.compile`` (heads and losses stay eager).
+        tf32: on CUDA, fp32 matmuls and convolutions may use TF32 tensor cores (Ampere and
+            newer; autocast's bf16 matmuls are unaffected); false keeps them in full fp32.
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N ...
         num_workers: data loader worker processes per stream.
         log_every: steps between lines of ``metrics.jsonl`` (values are averaged over them).
@@ -66,6 +68,7 @@ class TrainConfig(Configurable):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     ema_decay: float = 0.0
     compile: bool = False
+    tf32: bool = True
     device: str = "auto"
     num_workers: int = 2
     log_every: int = 10

@@ -48,6 +48,15 @@ class DistEnv:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    def mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` across ranks, reduced on its own device (NCCL for a GPU tensor):
+        no host sync."""
+        if not self.distributed:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         if not self.distributed:
@@ -62,12 +71,17 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
     Args:
         device: ``auto`` (CUDA if available, else CPU), or a device name; under torchrun a bare
-            ``cuda`` becomes ``cuda:LOCAL_RANK``.
+            ``cuda`` becomes ``cuda:LOCAL_RANK`` (a numbered one is refused there: it would put
+            every rank on that one GPU).
     """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     resolved = torch.device(name)
+    if resolved.type == "cuda" and resolved.index is not None and world > 1:
+        raise ValueError(f"train.device={name} under torchrun would put all {world} ranks on GPU {resolved.index}; "
+                         f"use train.device=cuda (each rank takes GPU LOCAL_RANK) and choose GPUs with "
+                         f"CUDA_VISIBLE_DEVICES")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank if world > 1 else 0)
     if world > 1 and not dist.is_initialized():

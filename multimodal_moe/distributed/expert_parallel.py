@@ -61,6 +61,8 @@ class ExpertParallelExperts(GroupedExperts):
         group: the expert-parallel process group (None: the default group).
     """
 
+    holds_all_experts = False  # rows come sorted; the (E, C) layout would need every expert here
+
     def __init__(self, experts: GroupedExperts, group=None):
         nn.Module.__init__(self)
         self.group = group
@@ -76,19 +78,22 @@ class ExpertParallelExperts(GroupedExperts):
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[span].clone()))
         self.activation = experts.activation
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, scale_M: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, scale_M: torch.Tensor | None = None
+                ) -> torch.Tensor:
         R, El = self.ranks, self.local_experts
-        counts_RE = counts_E.reshape(R, El).contiguous()
+        counts_RE = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long)).reshape(R, El)
         recv_counts_RE = torch.empty_like(counts_RE)  # [source rank, my expert]
         dist.all_to_all_single(recv_counts_RE, counts_RE, group=self.group)
+        # the one host sync of a layer: an all-to-all with uneven splits takes its sizes on the host
         send, recv = counts_RE.sum(1).tolist(), recv_counts_RE.sum(1).tolist()
         x_recv = all_to_all(x_MD, send, recv, self.group)
         scale_recv = None if scale_M is None else all_to_all(scale_M, send, recv, self.group)
 
         # arrivals are grouped by (source rank, expert); the grouped matmul wants (expert, source rank)
-        segment = torch.repeat_interleave(torch.arange(R * El, device=x_MD.device), recv_counts_RE.flatten())
+        segment = torch.repeat_interleave(torch.arange(R * El, device=x_MD.device), recv_counts_RE.flatten(),
+                                          output_size=sum(recv))
         order = ((segment % El) * R + segment // El).argsort(stable=True)
-        y_sorted = super().forward(x_recv[order], recv_counts_RE.sum(0),
+        y_sorted = super().forward(x_recv[order], recv_counts_RE.sum(0).cumsum(0).to(torch.int32),
                                    None if scale_recv is None else scale_recv[order])
         y_recv = y_sorted[order.argsort()]
         return all_to_all(y_recv, recv, send, self.group)

@@ -14,15 +14,30 @@
   as in the paper's eqs. (5) and (7). With h=1 there is no head or merge projection and the
   layer is exactly ``topk_moe``.
 
-Dispatch is sort-based: assignments are ordered by expert (stable, first choices before second
-choices, so capacity keeps first choices), tokens gathered, the experts run as one grouped
-matmul (``torch._grouped_mm`` where the dtype and strides allow, one matmul per expert into a
-preallocated output otherwise)
-and the outputs scattered back weighted by their gates. No one-hot dispatch tensor is built.
+Routing (router logits, softmax, top-k, gates) and the auxiliary losses run in fp32 also
+under autocast; the expert matmuls run in autocast's dtype with both operands cast to it.
+
+Dispatch is sort-based and never waits for the host: assignments are ordered by expert
+(stable, first choices before second choices, so capacity keeps first choices), tokens
+gathered, and the experts run in one of two layouts, each with static shapes only:
+
+- grouped (dropless): the sorted rows through one ``torch._grouped_mm`` per expert weight,
+  with the expert boundaries as device offsets. It is taken where a grouped kernel exists for
+  the dtype — bf16 on CUDA (and under ``torch.compile``), fp32/bf16/fp16 on the CPU — or on the
+  CPU for other dtypes and strides, as one matmul per expert: the one place dispatch reads
+  device values on the host (the offsets), free on a CPU.
+- padded (GShard's (E, C) layout): each expert's assignments in C slots of a buffer, batched
+  matmuls. Capacity-limited layers use it (C = the capacity), and dropless layers where no
+  grouped kernel exists without a host sync — fp32 on CUDA — with C = N (an expert takes a
+  token at most once), at E/K times the expert FLOPs of the grouped layout.
+
+Padding tokens go to a sentinel expert sorted last, with gate 0: never routed nor counted,
+but never sliced away either (that would need the host to know how many there are). No one-hot
+dispatch tensor is built.
 
 Dropless by default; with ``capacity_factor`` each expert takes at most
 C = ceil(capacity_factor * K * N / E) assignments (N routed tokens), later ones are dropped
-(the block's residual passes those tokens on). Padding tokens are never routed nor counted.
+(the block's residual passes those tokens on).
 
 Auxiliary loss (already weighted, summed into ``FFNOutput.aux_loss``):
 - balance: E * sum_e f_e * P_e, f_e the share of the N*K assignments made to expert e
@@ -169,7 +184,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 class _PerExpertMatmul(torch.autograd.Function):
     """One ``mm`` per expert into a preallocated output, forward and backward (no split/cat
-    copies): the fallback for dtypes and strides ``torch._grouped_mm`` does not take."""
+    copies): the CPU fallback for dtypes and strides ``torch._grouped_mm`` does not take."""
 
     @staticmethod
     def forward(ctx, x_MK, w_EKN, counts: list[int]):
@@ -201,31 +216,53 @@ def _spans(counts: list[int]) -> list[slice]:
     return [slice(end - n, end) for n, end in zip(counts, ends)]
 
 
-def _grouped_mm_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x_MK.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def _grouped_kernel(dtype: torch.dtype, device: torch.device, widths) -> bool:
+    """Whether ``torch._grouped_mm`` has a kernel without a host sync for ``dtype`` on ``device``
+    and these row widths: on CUDA only bf16 has a grouped kernel (other dtypes take a fallback
+    that copies the offsets to the host), and so does the traced op under ``torch.compile``;
+    the CPU kernel also takes fp32 and fp16. Rows must be 16-byte aligned."""
+    if not hasattr(torch, "_grouped_mm"):
         return False
-    aligned = 16 // x_MK.element_size()
-    return x_MK.shape[1] % aligned == 0 and w_EKN.shape[2] % aligned == 0
+    eager_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    fast = (torch.float32, torch.bfloat16, torch.float16) if eager_cpu else (torch.bfloat16,)
+    return dtype in fast and all(w % (16 // dtype.itemsize) == 0 for w in widths)
 
 
-def grouped_matmul(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x_MK`` sorted by expert, ``counts_E`` rows per expert -> (M, N): each row
-    times its expert's matrix: ``torch._grouped_mm`` where dtype and strides allow (no host
-    sync), one matmul per expert otherwise."""
+def _grouped_mm_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
+    """Whether :func:`grouped_matmul` of these operands takes ``torch._grouped_mm``."""
+    return x_MK.dtype == w_EKN.dtype and _grouped_kernel(x_MK.dtype, x_MK.device, (x_MK.shape[1], w_EKN.shape[2]))
+
+
+def grouped_matmul(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x_MK`` sorted by expert, expert e's rows ending at ``offsets_E[e]`` (int32,
+    the last one M) -> (M, N): each row times its expert's matrix. ``torch._grouped_mm`` where
+    :func:`_grouped_mm_supported` (no host sync); otherwise one matmul per expert, which reads
+    the offsets on the host."""
     if _grouped_mm_supported(x_MK, w_EKN):
-        return grouped_mm_kernel(x_MK, w_EKN, counts_E)
-    return _PerExpertMatmul.apply(x_MK, w_EKN, counts_E.tolist())
+        return _ContiguousGrad.apply(torch._grouped_mm(x_MK.contiguous(), w_EKN, offs=offsets_E))
+    offsets = offsets_E.tolist()  # a host sync off the CPU; TopKMoE avoids this path there
+    return _PerExpertMatmul.apply(x_MK, w_EKN, [b - a for a, b in zip([0] + offsets[:-1], offsets)])
 
 
-def grouped_mm_kernel(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """The ``torch._grouped_mm`` path of :func:`grouped_matmul` (CPU needs torch >= 2.9)."""
-    offsets_E = counts_E.cumsum(0).to(torch.int32)
-    return _ContiguousGrad.apply(torch._grouped_mm(x_MK.contiguous(), w_EKN, offs=offsets_E))
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype expert matmuls run in: autocast's where it is on (``_grouped_mm`` is not on
+    autocast's list, so both operands are cast by hand), else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class GroupedExperts(nn.Module):
     """E independent FFNs stored as 3-D tensors: ``w1_EDF``, ``w2_EFD`` (and ``w3_EDF`` for
-    SwiGLU), no biases. ``forward(x_MD, counts_E)`` takes rows sorted by expert."""
+    SwiGLU), no biases, run in :func:`compute_dtype` (input and weights cast to one dtype).
+
+    - ``forward(x_MD, offsets_E, scale_M)``: rows sorted by expert (grouped matmul);
+    - ``forward_batched(x_EMD)``: M rows for every expert (batched matmul).
+
+    ``holds_all_experts`` is False for a subclass holding only some of them (expert
+    parallelism), which takes only the sorted rows.
+    """
+
+    holds_all_experts = True
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: Activation, init_scale: float = 1.0):
         super().__init__()
@@ -239,27 +276,41 @@ class GroupedExperts(nn.Module):
         self.w2_EFD = weight(hidden_dim, hidden_dim, dim)
         self.activation = activation
 
-    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, scale_M: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows sorted by expert, ``counts_E`` per expert; ``scale_M`` multiplies each row's
-        output (the gates), applied to whichever of the hidden or the output is narrower."""
-        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, counts_E), scale_M)
+    def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, scale_M: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Rows sorted by expert, expert e's ending at ``offsets_E[e]``; ``scale_M`` multiplies
+        each row's output (the gates), applied to whichever of the hidden or the output is narrower."""
+        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, offsets_E), scale_M)
 
     def forward_batched(self, x_EMD: torch.Tensor) -> torch.Tensor:
         """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls."""
-        return self._mlp(x_EMD, torch.matmul)
+        return self._mlp(x_EMD, torch.bmm)
+
+    def grouped_without_sync(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` of ``x`` makes no host sync worth avoiding: a grouped kernel
+        takes the dtype, or the input is on the CPU, where the per-expert loop's read of the
+        offsets costs nothing."""
+        if _grouped_kernel(compute_dtype(x), x.device, self.w1_EDF.shape[1:]):
+            return True
+        return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def _mlp(self, x, matmul, scale=None):
-        h = matmul(x, self.w1_EDF)
-        h = F.silu(h) * matmul(x, self.w3_EDF) if self.activation == "swiglu" else ACTIVATIONS[self.activation](h)
-        hidden_dim, dim = self.w2_EFD.shape[1:]
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        w1, w2 = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
+        h = matmul(x, w1)
+        h = F.silu(h) * matmul(x, self.w3_EDF.to(dtype)) if self.activation == "swiglu" else \
+            ACTIVATIONS[self.activation](h)
+        hidden_dim, dim = w2.shape[1:]
         if scale is not None and hidden_dim <= dim:  # (s h) W2 = s (h W2)
-            return matmul(h * scale[:, None], self.w2_EFD)
-        y = matmul(h, self.w2_EFD)
-        return y if scale is None else y * scale[:, None]
+            return matmul(h * scale.to(dtype)[:, None], w2)
+        y = matmul(h, w2)
+        return y if scale is None else y * scale.to(dtype)[:, None]
 
 
 class Router(nn.Module):
-    """Router logits (N, E), in fp32 or wider: a linear layer, or the X-MoE cosine gate."""
+    """Router logits (N, E) in fp32 (or wider), also under autocast: a linear layer, or the
+    X-MoE cosine gate."""
 
     def __init__(self, dim: int, cfg: TopKMoEConfig):
         super().__init__()
@@ -279,26 +330,20 @@ class Router(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x_ND.dtype, torch.float32)  # at least fp32, as torchscale's gates
-        if self.weight_ED is not None:
-            return x_ND.to(dtype) @ self.weight_ED.to(dtype).t()
-        embed_Er = F.normalize(self.expert_embed_Er.to(dtype), dim=-1)
-        cos_NE = F.normalize(self.proj(x_ND).to(dtype), dim=-1) @ embed_Er.t()
-        return cos_NE / self.log_temperature.exp()
+        with torch.autocast(x_ND.device.type, enabled=False):
+            x_ND = x_ND.to(dtype)
+            if self.weight_ED is not None:
+                return x_ND @ self.weight_ED.to(dtype).t()
+            embed_Er = F.normalize(self.expert_embed_Er.to(dtype), dim=-1)
+            cos_NE = F.normalize(F.linear(x_ND, self.proj.weight.to(dtype)), dim=-1) @ embed_Er.t()
+            return cos_NE / self.log_temperature.to(dtype).exp()
 
 
-def _real_tokens(x_BTD: torch.Tensor, token_mask_BT: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(N, D) rows of the real tokens and their flat indices (None: all tokens, no copy)."""
-    x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-    if token_mask_BT is None:
-        return x_ND, None
-    index_N = token_mask_BT.reshape(-1).nonzero().squeeze(1)
-    return x_ND[index_N], index_N
-
-
-def _scatter_back(y_ND: torch.Tensor, index_N: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
-    if index_N is None:
-        return y_ND.reshape(shape)
-    return y_ND.new_zeros(shape[0] * shape[1], shape[2]).index_copy(0, index_N, y_ND).reshape(shape)
+def _masked_mean(x_N: torch.Tensor, real_N: torch.Tensor | None, count: torch.Tensor | int) -> torch.Tensor:
+    """Mean over the real rows (padding rows may hold anything, NaN included)."""
+    if real_N is None:
+        return x_N.mean(dim=0)
+    return torch.where(real_N.view(-1, *[1] * (x_N.dim() - 1)), x_N, 0).sum(dim=0) / count.clamp_min(1)
 
 
 class TopKMoE(nn.Module):
@@ -308,7 +353,13 @@ class TopKMoE(nn.Module):
         dim: model width D.
         cfg: its :class:`TopKMoEConfig`.
         init_scale: factor on the initial expert (and shared expert) weights.
+
+    Attributes:
+        dispatch: auto | grouped | padded, the expert layout (see the module docstring); auto
+            picks per call. Benchmarks set it; models leave it on auto.
     """
+
+    dispatch: Literal["auto", "grouped", "padded"] = "auto"
 
     def __init__(self, dim: int, cfg: TopKMoEConfig, *, init_scale: float = 1.0):
         super().__init__()
@@ -322,15 +373,17 @@ class TopKMoE(nn.Module):
             self.shared_expert = shared.build(dim, init_scale=init_scale)
 
     def forward(self, x_BTD: torch.Tensor, *, token_mask_BT: torch.Tensor | None = None) -> FFNOutput:
-        x_ND, index_N = _real_tokens(x_BTD, token_mask_BT)
-        y_ND, aux_loss, stats = self.route(x_ND)
-        out_BTD = _scatter_back(y_ND, index_N, x_BTD.shape)
+        real_N = None if token_mask_BT is None else token_mask_BT.reshape(-1)
+        y_ND, aux_loss, stats = self.route(x_BTD.reshape(-1, x_BTD.shape[-1]), real_N)
+        out_BTD = y_ND.reshape(x_BTD.shape)
         if self.shared_expert is not None:
             out_BTD = out_BTD + self.shared_expert(x_BTD).hidden
         return FFNOutput(out_BTD, aux_loss, stats)
 
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Route N real tokens (or sub-tokens) through the experts: (output, aux loss, stats)."""
+    def route(self, x_ND: torch.Tensor, real_N: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Route N tokens (or sub-tokens) through the experts: (output, aux loss, stats). Rows
+        where ``real_N`` is False are padding: not routed (zero output), not counted."""
         cfg, (N, D), E, K = self.cfg, x_ND.shape, self.cfg.num_experts, self.cfg.top_k
         router_in_ND = x_ND
         if self.training and cfg.router_jitter > 0:
@@ -340,41 +393,78 @@ class TopKMoE(nn.Module):
         gates_NK, expert_NK = probs_NE.topk(K, dim=-1)
         if cfg.renormalize:
             gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
+        real = N if real_N is None else real_N.sum()  # a device tensor with padding: no host sync
+        if real_N is not None:
+            expert_NK = expert_NK.masked_fill(~real_N[:, None], E)  # padding goes to a sentinel expert E
 
         # Assignments in k-major order (all first choices, then all second choices, ...), so
         # a stable sort by expert gives first choices priority for capacity.
         expert_M = expert_NK.t().reshape(-1)  # assignment m is token m % N's (m // N)-th choice
-        gate_M = gates_NK.t().reshape(-1)
         order_M = expert_M.argsort(stable=True)
-        counts_E = torch.bincount(expert_M, minlength=E)
+        sorted_expert_M, rows_M = expert_M[order_M], order_M % N
+        counts_E = torch.zeros(E + 1, dtype=torch.long, device=x_ND.device).scatter_add_(
+            0, expert_M, torch.ones_like(expert_M))[:E]  # not bincount: its output size needs a host sync
+        starts_E = torch.cat([counts_E.new_zeros(1), counts_E.cumsum(0)])  # the sentinel E starts last
+        rank_M = torch.arange(len(order_M), device=x_ND.device) - starts_E[sorted_expert_M]  # place in its expert
+        keep_M = sorted_expert_M < E
         kept_E = counts_E
         factor = cfg.capacity(self.training)
         if factor is not None:
-            capacity = math.ceil(factor * K * N / E)
-            starts_E = counts_E.cumsum(0) - counts_E
-            rank_M = torch.arange(N * K, device=x_ND.device) - starts_E[expert_M[order_M]]
-            order_M = order_M[rank_M < capacity]
-            kept_E = counts_E.clamp(max=capacity)
+            capacity = math.ceil(factor * K * N / E) if real_N is None else \
+                torch.ceil(factor * K * real.double() / E)  # exactly as computed on the host, in float64
+            keep_M = keep_M & (rank_M < capacity)
+            kept_E = counts_E.clamp(max=capacity) if isinstance(capacity, int) else \
+                torch.minimum(counts_E, capacity.to(counts_E.dtype))
+        gate_M = torch.where(keep_M, gates_NK.t().reshape(-1)[order_M], 0)  # sorted; dropped and padding 0
+        layout = self.dispatch
+        if layout == "auto":
+            layout = "grouped" if not self.experts.holds_all_experts or (
+                factor is None and self.experts.grouped_without_sync(x_ND)) else "padded"
+        if layout == "grouped":
+            y_ND = self._grouped(x_ND, rows_M, gate_M, counts_E)
+        else:
+            # dropless: an expert takes every token at most once; else at most its capacity
+            slots = N if factor is None else min(N, math.ceil(factor * K * N / E))
+            y_ND = self._padded(x_ND, rows_M, sorted_expert_M * slots + rank_M, keep_M, gate_M, E, slots)
 
-        rows = order_M % N
-        y_MD = self.experts(x_ND.index_select(0, rows), kept_E, gate_M[order_M].to(x_ND.dtype))
-        y_ND = x_ND.new_zeros(N, D).index_add(0, rows, y_MD)
-
-        share_E = counts_E.float() / max(N * K, 1)
-        balance = E * (share_E * probs_NE.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits_NE, dim=-1).pow(2).mean()
+        assignments = (max(N, 1) if real_N is None else real.clamp_min(1)) * K
+        share_E = counts_E.float() / assignments
+        balance = E * (share_E * _masked_mean(probs_NE, real_N, real)).sum()
+        z_loss = _masked_mean(torch.logsumexp(logits_NE, dim=-1).pow(2), real_N, real)
         aux_loss = cfg.balance_loss_weight * balance + cfg.z_loss_weight * z_loss
         with torch.no_grad():
+            entropy_N = -(probs_NE * probs_NE.clamp_min(1e-12).log()).sum(-1)
             stats = {
                 "tokens_per_expert": counts_E.float(),
-                "dropped_fraction": 1 - kept_E.sum().float() / max(N * K, 1),
-                "router_entropy": -(probs_NE * probs_NE.clamp_min(1e-12).log()).sum(-1).mean(),
+                "dropped_fraction": 1 - kept_E.sum().float() / assignments,
+                "router_entropy": _masked_mean(entropy_N, real_N, real),
                 "activation_ratio": (share_E > cfg.activation_threshold / E).float().mean(),
-                "routed_tokens": torch.tensor(float(N), device=x_ND.device),
+                "routed_tokens": real.float() if real_N is not None else x_ND.new_full((), N, dtype=torch.float32),
                 "balance_loss": balance.detach(),
                 "z_loss": z_loss.detach(),
             }
         return y_ND, aux_loss, stats
+
+    def _grouped(self, x_ND, rows_M, gate_M, counts_E) -> torch.Tensor:
+        """The assignments sorted by expert through one grouped matmul per expert weight.
+        Dropped and padding assignments (gate 0) stay in the rows — padding, sorted last, with
+        the last expert — so nothing is sliced to a data-dependent size (no host sync); they are
+        computed and discarded."""
+        offsets_E = torch.cat([counts_E[:-1].cumsum(0), counts_E.new_full((1,), len(rows_M))]).to(torch.int32)
+        y_MD = self.experts(x_ND.index_select(0, rows_M), offsets_E, gate_M)
+        return y_MD.new_zeros(x_ND.shape[0], y_MD.shape[1]).index_add_(0, rows_M, y_MD)
+
+    def _padded(self, x_ND, rows_M, slot_M, keep_M, gate_M, E: int, slots: int) -> torch.Tensor:
+        """GShard's layout: each expert's assignments in ``slots`` rows of an (E, C) buffer
+        (``slot_M``: expert * C + place), batched matmuls over it. Dropped and padding
+        assignments go to a trash slot. Every shape is static: no host sync."""
+        N, D = x_ND.shape
+        slot_M = torch.where(keep_M, slot_M, E * slots)  # E * C: the trash slot
+        x_SD = x_ND.new_zeros(E * slots + 1, D).index_copy_(0, slot_M, x_ND.index_select(0, rows_M))
+        y_ECD = self.experts.forward_batched(x_SD[:-1].view(E, slots, D))
+        y_MD = y_ECD.reshape(E * slots, D).index_select(0, torch.where(keep_M, slot_M, 0))
+        y_MD = y_MD * gate_M.to(y_MD.dtype)[:, None]
+        return y_MD.new_zeros(N, D).index_add_(0, rows_M, y_MD)
 
 
 class MultiHeadMoE(TopKMoE):
@@ -394,15 +484,19 @@ class MultiHeadMoE(TopKMoE):
             nn.init.zeros_(self.merge_proj.bias)
 
     def forward(self, x_BTD: torch.Tensor, *, token_mask_BT: torch.Tensor | None = None) -> FFNOutput:
-        x_ND, index_N = _real_tokens(x_BTD, token_mask_BT)
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         N, D = x_ND.shape
         if self.head_proj is not None:
             x_ND = self.head_proj(x_ND)
         sub_Sd = x_ND.reshape(N * self.heads, D // self.heads)  # S = N*h sub-tokens, a view
-        y_Sd, aux_loss, stats = self.route(sub_Sd)
+        real_N = None if token_mask_BT is None else token_mask_BT.reshape(-1)
+        real_S = None if real_N is None else real_N[:, None].expand(N, self.heads).reshape(-1)
+        y_Sd, aux_loss, stats = self.route(sub_Sd, real_S)
         if self.cfg.sub_token_residual:
             y_Sd = y_Sd + sub_Sd
         y_ND = y_Sd.reshape(N, D)
         if self.merge_proj is not None:
             y_ND = self.merge_proj(y_ND)
-        return FFNOutput(_scatter_back(y_ND, index_N, x_BTD.shape), aux_loss, stats)
+        if real_N is not None:
+            y_ND = torch.where(real_N[:, None], y_ND, 0)  # padding outputs zeros, as in top-k
+        return FFNOutput(y_ND.reshape(x_BTD.shape), aux_loss, stats)

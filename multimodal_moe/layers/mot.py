@@ -30,7 +30,7 @@ from torch import nn
 
 from ..configurable import ConfigError, config
 from .ffn import Activation, FFNConfig, FFNOutput
-from .moe import GroupedExperts, TopKMoE, TopKMoEConfig
+from .moe import GroupedExperts, TopKMoE, TopKMoEConfig, compute_dtype
 
 __all__ = ["MixtureOfTokens", "MixtureOfTokensConfig", "topk_from_mot"]
 
@@ -99,27 +99,39 @@ class MixtureOfTokens(nn.Module):
             raise ValueError(f"Mixture of Tokens mixes groups of group_size={G} examples, but the batch has {B}; "
                              f"use a batch size divisible by {G} (pad the batch if needed)")
         x_TnGD = x_BTD.transpose(0, 1).reshape(T, B // G, G, D)
-        logits_TnGE = (x_TnGD @ self.controller_DE.to(x_BTD.dtype)) / self.log_temperature.exp()
-        if token_mask_BT is not None:
-            real_TnG1 = token_mask_BT.t().reshape(T, B // G, G, 1)
-            logits_TnGE = logits_TnGE.masked_fill(~real_TnG1, float("-inf"))
-        if not self.training and self.cfg.eval_mode == "discrete":
-            weights_TnGE = F.one_hot(logits_TnGE.argmax(dim=2), G).transpose(-1, -2).to(x_BTD.dtype)
-        else:
-            weights_TnGE = logits_TnGE.softmax(dim=2)
-        if token_mask_BT is not None:
-            weights_TnGE = weights_TnGE.masked_fill(~real_TnG1, 0.0)  # also all-padding groups (NaN)
-
-        mixed_TnED = weights_TnGE.transpose(-1, -2) @ x_TnGD
+        real_TnG1 = None if token_mask_BT is None else token_mask_BT.t().reshape(T, B // G, G, 1)
+        weights_TnGE = self.mixing_weights(x_TnGD, real_TnG1)
+        dtype = compute_dtype(x_BTD)  # the mixing and the experts run in autocast's dtype, both operands cast
+        w_TnGE, x_TnGD = weights_TnGE.to(dtype), x_TnGD.to(dtype)
+        mixed_TnED = w_TnGE.transpose(-1, -2) @ x_TnGD
         mixed_EMD = mixed_TnED.reshape(-1, E, D).transpose(0, 1)  # M = T * B/G mixtures per expert
         y_TnED = self.experts.forward_batched(mixed_EMD).transpose(0, 1).reshape(T, B // G, E, D)
-        out_BTD = (weights_TnGE @ y_TnED).reshape(T, B, D).transpose(0, 1)
+        out_BTD = (w_TnGE @ y_TnED).reshape(T, B, D).transpose(0, 1)
 
         with torch.no_grad():
             p = weights_TnGE.clamp_min(1e-12)
             entropy = -(weights_TnGE * p.log()).sum(dim=2).mean()
         stats = {"mixing_entropy": entropy, "temperature": self.log_temperature.detach().exp()}
         return FFNOutput(out_BTD, x_BTD.new_zeros(()), stats)
+
+    def mixing_weights(self, x_TnGD: torch.Tensor, real_TnG1: torch.Tensor | None) -> torch.Tensor:
+        """(T, B/G, G, E) fp32 weights of each token in each expert's mixture (softmax over the
+        group), computed in fp32 also under autocast; padding gets weight 0."""
+        G = self.cfg.group_size
+        with torch.autocast(x_TnGD.device.type, enabled=False):
+            dtype = torch.promote_types(x_TnGD.dtype, torch.float32)
+            logits_TnGE = (x_TnGD.to(dtype) @ self.controller_DE.to(dtype)) / self.log_temperature.to(dtype).exp()
+            if real_TnG1 is not None:
+                logits_TnGE = logits_TnGE.masked_fill(~real_TnG1, float("-inf"))
+            if not self.training and self.cfg.eval_mode == "discrete":
+                best_Tn1E = logits_TnGE.argmax(dim=2, keepdim=True)  # one-hot by comparison: F.one_hot syncs on CUDA
+                group_11G1 = torch.arange(G, device=x_TnGD.device).view(1, 1, G, 1)
+                weights_TnGE = (group_11G1 == best_Tn1E).to(dtype)
+            else:
+                weights_TnGE = logits_TnGE.softmax(dim=2)
+            if real_TnG1 is not None:
+                weights_TnGE = weights_TnGE.masked_fill(~real_TnG1, 0.0)  # also all-padding groups (NaN)
+        return weights_TnGE
 
 
 def topk_from_mot(mot: MixtureOfTokens, top_k: int = 1, **overrides) -> TopKMoE:

@@ -197,8 +197,12 @@ class MultiwayEncoder(nn.Module):
                 if text_padding_mask.shape != text_ids.shape or text_padding_mask.dtype != torch.bool:
                     raise ValueError(f"text_padding_mask must be a bool tensor of shape {tuple(text_ids.shape)}, "
                                      f"got {text_padding_mask.dtype} {tuple(text_padding_mask.shape)}")
-                if text_padding_mask.all(dim=1).any():
-                    raise ValueError("a text sequence is entirely padding; every sequence needs at least one token")
+                empty = "a text sequence is entirely padding; every sequence needs at least one token"
+                if text_padding_mask.device.type == "cpu":
+                    if text_padding_mask.all(dim=1).any():
+                        raise ValueError(empty)
+                else:  # checked on the device: reading the answer would stall the host every step
+                    torch._assert_async(~text_padding_mask.all(dim=1).any(), empty)
                 text_BLD = text_BLD.masked_fill(text_padding_mask[..., None], 0.0)
                 token_mask_BT = ~text_padding_mask
             parts.append(text_BLD)

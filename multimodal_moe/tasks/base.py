@@ -47,14 +47,15 @@ class TaskOutput:
         loss: the scalar to minimise (auxiliary MoE losses included).
         parts: detached scalars to log: per-part losses, accuracies, ...
         samples: examples processed (an image-text pair counts once).
-        tokens: tokens the backbone processed (vision + text, padding excluded).
+        tokens: tokens the backbone processed (vision + text, padding excluded); a device
+            tensor is fine (read when the interval is logged, not every step).
         moe_stats: per backbone pass, per layer, the FFN statistics (:class:`BlockStats`).
     """
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0
-    tokens: int = 0
+    tokens: int | torch.Tensor = 0
     moe_stats: list[list[BlockStats]] = field(default_factory=list)
 
 
@@ -117,8 +118,9 @@ class Task(nn.Module):
     def forward(self, batch: Any) -> TaskOutput:
         raise NotImplementedError
 
-    def train_data(self, *, seed: int, rank: int, world_size: int, num_workers: int) -> TrainData:
-        """This task's training stream for one rank; every random choice derives from ``seed``."""
+    def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> TrainData:
+        """This task's training stream for this rank; every random choice derives from ``seed``;
+        ``pin_memory`` puts batches in page-locked memory (for a GPU)."""
         raise NotImplementedError
 
     def prepare_step(self, micro_batches: list) -> list:

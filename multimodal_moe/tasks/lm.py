@@ -79,6 +79,7 @@ class LanguageModeling(Task):
             parts["z_loss"] = z_loss.detach()
         return TaskOutput(loss, parts, samples=inputs_BT.shape[0], tokens=inputs_BT.numel(), moe_stats=[out.moe_stats])
 
-    def train_data(self, *, seed: int, num_workers: int) -> SingleStream:
+    def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> SingleStream:
         processor = LMProcessor(self.tokenizer, self.cfg.text.max_len)
-        return SingleStream("text", self.cfg.text.loader(processor, seed=derive_seed(seed, 0), num_workers=num_workers))
+        return SingleStream("text", self.cfg.text.loader(processor, seed=derive_seed(seed, 0), num_workers=num_workers,
+                                                         pin_memory=pin_memory))

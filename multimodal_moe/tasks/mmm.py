@@ -169,26 +169,48 @@ def _cross_entropy(logits_MV: torch.Tensor, targets_M: torch.Tensor) -> tuple[to
 PARTS = ("image_mim", "text_mlm", "image_text_mim", "image_text_mlm")
 
 
-def _masked_counts(step: PretrainStep) -> list[int]:
-    """Masked positions of each loss part (:data:`PARTS`) in a step; 0 for an absent stream."""
-    image, text, pairs = step.image, step.text, step.image_text
-    return [0 if image is None else int(image.image_mask_BP.sum()),
-            0 if text is None else int((text.mlm_labels_BL != -100).sum()),
-            0 if pairs is None else int(pairs.image_mask_BP.sum()),
-            0 if pairs is None else int((pairs.mlm_labels_BL != -100).sum())]
-
-
 @dataclass
 class WeightedStep:
-    """A pretraining step and the weight of each loss part's mean that makes the update's loss
-    the mean over the masked positions of all its micro-batches on all ranks
-    (:meth:`MaskedDataModeling.prepare_step`)."""
+    """A pretraining step as :meth:`MaskedDataModeling.forward` takes it, with what the host
+    read off its (CPU) batches before they went to the device, so the step itself makes no
+    host sync: each loss part's masked positions (flat indices into B*P patches or B*L
+    tokens), the labels at the masked text positions, each stream's real text tokens, and
+    the weight of each part's mean that makes the update's loss the mean over the masked
+    positions of all its micro-batches on all ranks (:meth:`MaskedDataModeling.prepare_step`)."""
 
     step: PretrainStep
     weights: dict[str, float]
+    masked: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    text_tokens: dict[str, int]
 
     def to(self, device, non_blocking: bool = False) -> WeightedStep:
-        return WeightedStep(self.step.to(device, non_blocking=non_blocking), self.weights)
+        move = lambda d: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}  # noqa: E731
+        return WeightedStep(self.step.to(device, non_blocking=non_blocking), self.weights, move(self.masked),
+                            move(self.labels), self.text_tokens)
+
+    def pin_memory(self) -> WeightedStep:
+        pin = lambda d: {k: v.pin_memory() for k, v in d.items()}  # noqa: E731
+        return WeightedStep(self.step.pin_memory(), self.weights, pin(self.masked), pin(self.labels),
+                            self.text_tokens)
+
+
+def _read_masks(step: PretrainStep) -> WeightedStep:
+    """A step's masked positions, labels and text tokens (weights not yet set)."""
+    image, text, pairs = step.image, step.text, step.image_text
+    masked, labels, text_tokens = {}, {}, {}
+    for part, batch in (("image_mim", image), ("image_text_mim", pairs)):
+        if batch is not None:
+            masked[part] = batch.image_mask_BP.reshape(-1).nonzero().squeeze(1)
+    for part, batch in (("text_mlm", text), ("image_text_mlm", pairs)):
+        if batch is not None:
+            labels_N = batch.mlm_labels_BL.reshape(-1)
+            masked[part] = (labels_N != -100).nonzero().squeeze(1)
+            labels[part] = labels_N[masked[part]]
+    for name, batch in (("text", text), ("image_text", pairs)):
+        if batch is not None:
+            text_tokens[name] = int((~batch.padding_mask_BL).sum())
+    return WeightedStep(step, {}, masked, labels, text_tokens)
 
 
 class MaskedDataModeling(Task):
@@ -214,24 +236,23 @@ class MaskedDataModeling(Task):
 
     # -- losses ------------------------------------------------------------------------------
 
-    def _mim(self, out: ModelOutput, images_B3HW: torch.Tensor, mask_BP: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Loss (and accuracy for codes) of the masked patches."""
-        with torch.no_grad():
-            targets = self.visual_targets(images_B3HW)[mask_BP]  # (M,) codes or (M, p*p*3) pixels
-        pred = self.mim_head(out.vision_hidden[:, 1:][mask_BP]).float()
+    def _mim(self, out: ModelOutput, images_B3HW: torch.Tensor, masked_M: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Loss (and accuracy for codes) of the masked patches (flat indices ``masked_M``)."""
+        targets = self.visual_targets(images_B3HW).flatten(0, 1).index_select(0, masked_M)  # (M,) or (M, p*p*3)
+        pred = self.mim_head(out.vision_hidden[:, 1:].flatten(0, 1).index_select(0, masked_M)).float()
         if self.visual_targets.num_classes is None:
             return (F.mse_loss(pred, targets),) if len(targets) else (pred.sum() * 0,)
         return _cross_entropy(pred, targets)
 
-    def _mlm(self, out: ModelOutput, labels_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and accuracy of the masked text tokens."""
-        where_BL = labels_BL != -100
-        hidden_MD = out.text_hidden[where_BL]
+    def _mlm(self, out: ModelOutput, masked_M: torch.Tensor, labels_M: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and accuracy of the masked text tokens (flat indices ``masked_M``)."""
+        hidden_MD = out.text_hidden.flatten(0, 1).index_select(0, masked_M)
         if self.cfg.tie_mlm_head:
             logits = F.linear(hidden_MD, self.model.text_embed.tokens.weight, self.mlm_bias)
         else:
             logits = self.mlm_head(hidden_MD)
-        return _cross_entropy(logits.float(), labels_BL[where_BL])
+        return _cross_entropy(logits.float(), labels_M)
 
     def forward(self, step: PretrainStep | WeightedStep) -> TaskOutput:
         w = self.cfg.loss_weights
@@ -240,55 +261,59 @@ class MaskedDataModeling(Task):
 
         if not isinstance(step, WeightedStep):
             step = self.prepare_step([step])[0]
-        step, weights = step.step, step.weights
+        weighted, step = step, step.step
+        masked, labels = weighted.masked, weighted.labels
 
         def record(name: str, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            values = tuple(v * weights[name] for v in values)
+            values = tuple(v * weighted.weights[name] for v in values)
             parts[f"{name}_loss"] = values[0].detach()
             if len(values) > 1:
                 parts[f"{name}_acc"] = values[1].detach()
             return values[0]
 
-        def encode(**inputs) -> ModelOutput:
+        def encode(stream: str, **inputs) -> ModelOutput:
             nonlocal aux, tokens
             out = self.model(**inputs)
             aux = aux + out.aux_loss
-            tokens += out.hidden.shape[0] * out.hidden.shape[1] if out.token_mask is None else int(out.token_mask.sum())
+            tokens += out.hidden.shape[0] * out.num_vision + weighted.text_tokens.get(stream, 0)
             stats.append(out.moe_stats)
             return out
 
         if (b := step.image) is not None:
-            out = encode(images=b.images_B3HW, image_mask=b.image_mask_BP)
-            total = total + w.image * record("image_mim", self._mim(out, b.images_B3HW, b.image_mask_BP))
+            out = encode("image", images=b.images_B3HW, image_mask=b.image_mask_BP)
+            total = total + w.image * record("image_mim", self._mim(out, b.images_B3HW, masked["image_mim"]))
             samples += len(b)
         if (b := step.text) is not None:
-            out = encode(text_ids=b.text_ids_BL, text_padding_mask=b.padding_mask_BL)
-            total = total + w.text * record("text_mlm", self._mlm(out, b.mlm_labels_BL))
+            out = encode("text", text_ids=b.text_ids_BL, text_padding_mask=b.padding_mask_BL)
+            total = total + w.text * record("text_mlm", self._mlm(out, masked["text_mlm"], labels["text_mlm"]))
             samples += len(b)
         if (b := step.image_text) is not None:
-            out = encode(images=b.images_B3HW, image_mask=b.image_mask_BP, text_ids=b.text_ids_BL,
+            out = encode("image_text", images=b.images_B3HW, image_mask=b.image_mask_BP, text_ids=b.text_ids_BL,
                          text_padding_mask=b.padding_mask_BL)
-            total = total + w.image_text * (record("image_text_mim", self._mim(out, b.images_B3HW, b.image_mask_BP))
-                                            + record("image_text_mlm", self._mlm(out, b.mlm_labels_BL)))
+            total = total + w.image_text * (
+                record("image_text_mim", self._mim(out, b.images_B3HW, masked["image_text_mim"]))
+                + record("image_text_mlm", self._mlm(out, masked["image_text_mlm"], labels["image_text_mlm"])))
             samples += len(b)
         parts["aux_loss"] = torch.as_tensor(aux).detach()
         return TaskOutput(total + aux, parts, samples, tokens, stats)
 
     def prepare_step(self, micro_batches: list[PretrainStep]) -> list[WeightedStep]:
-        """Each micro-batch with its parts' weights: this micro-batch's share of the update's
-        masked positions (summed over micro-batches, all-reduced over ranks), times the number of
-        micro-batches and ranks that the trainer and DDP average over. In one process with one
-        micro-batch every weight is exactly 1."""
-        counts = [_masked_counts(step) for step in micro_batches]
+        """Each micro-batch with its masked positions read on the host (:class:`WeightedStep`)
+        and its parts' weights: this micro-batch's share of the update's masked positions
+        (summed over micro-batches, all-reduced over ranks), times the number of micro-batches
+        and ranks that the trainer and DDP average over. In one process with one micro-batch
+        every weight is exactly 1."""
+        steps = [_read_masks(step) for step in micro_batches]
+        counts = [[len(s.masked[name]) if name in s.masked else 0 for name in PARTS] for s in steps]
         totals = torch.tensor([sum(c[i] for c in counts) for i in range(len(PARTS))], dtype=torch.float64)
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)  # a CPU tensor: the process group always has gloo for it
             world = dist.get_world_size()
-        scale = world * len(micro_batches)
-        return [WeightedStep(step, {name: c[i] * scale / totals[i].item() if totals[i] else 0.0
-                                    for i, name in enumerate(PARTS)})
-                for step, c in zip(micro_batches, counts)]
+        scale, totals = world * len(micro_batches), totals.tolist()
+        for s, c in zip(steps, counts):
+            s.weights = {name: c[i] * scale / totals[i] if totals[i] else 0.0 for i, name in enumerate(PARTS)}
+        return steps
 
     def uses_every_parameter(self) -> bool:
         # a stream with a lower ratio skips steps, and with it a head or a modality's branch
@@ -297,7 +322,7 @@ class MaskedDataModeling(Task):
 
     # -- data --------------------------------------------------------------------------------
 
-    def train_data(self, *, seed: int, num_workers: int) -> PretrainMixer:
+    def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> PretrainMixer:
         cfg, mcfg = self.cfg, self.model.cfg
         grid = mcfg.image_size // mcfg.patch_size
         # BEiT v2's smallest block is 16 of 196 patches; small grids scale it down
@@ -312,7 +337,8 @@ class MaskedDataModeling(Task):
         loaders, ratios = {}, {}
         for i, (name, make) in enumerate(processors.items()):
             if (stream := getattr(cfg, name)) is not None:
-                loaders[name] = stream.loader(make(stream), seed=derive_seed(seed, i), num_workers=num_workers)
+                loaders[name] = stream.loader(make(stream), seed=derive_seed(seed, i), num_workers=num_workers,
+                                              pin_memory=pin_memory)
                 ratios[name] = stream.ratio
         return PretrainMixer(loaders, ratios)
 

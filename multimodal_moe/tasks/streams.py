@@ -46,12 +46,13 @@ class StreamConfig(Configurable):
         if self.shuffle_buffer < 0:
             raise ConfigError("shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
 
-    def loader(self, processor: Processor, *, seed: int, num_workers: int) -> StreamLoader:
-        """A resumable loader of this stream's batches on this rank (``seed``: this stream's own)."""
+    def loader(self, processor: Processor, *, seed: int, num_workers: int, pin_memory: bool = False) -> StreamLoader:
+        """A resumable loader of this stream's batches on this rank (``seed``: this stream's own;
+        ``pin_memory``: batches in page-locked memory, for asynchronous copies to a GPU)."""
         stream = ShardStream([str(data_path(s)) for s in self.shards], processor, batch_size=self.batch_size,
                              weights=self.weights or None, shuffle_buffer=self.shuffle_buffer,
                              seed=seed)
-        return StreamLoader(stream, num_workers=num_workers)
+        return StreamLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
 
 
 @config

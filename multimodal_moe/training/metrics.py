@@ -31,20 +31,22 @@ __all__ = ["MetricsLog", "StepMeter"]
 
 
 class StepMeter:
-    """Sums of a log interval's values; ``summary()`` averages them. Its state is plain data,
-    saved in checkpoints so an interval cut by a resume logs what it would have."""
+    """Sums of a log interval's values; ``summary()`` averages them. Values from the device are
+    summed on the device and read in one transfer when a summary or a checkpoint needs them,
+    so an ordinary step makes no host sync here. Its state is plain data, saved in checkpoints
+    so an interval cut by a resume logs what it would have."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.steps = 0
         self.samples = 0
-        self.tokens = 0
-        self.moe_load: dict[str, list[float]] = {}
-        self.moe_sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.moe_weight: dict[str, float] = defaultdict(float)
+        self.tokens: int | float | torch.Tensor = 0
+        self.moe_load: dict[str, list[float] | torch.Tensor] = {}
+        self.moe_sums: dict[str, dict[str, float | torch.Tensor]] = defaultdict(lambda: defaultdict(float))
+        self.moe_weight: dict[str, float | torch.Tensor] = defaultdict(float)
 
     def add_step(self, loss: float, grad_norm: float, lr: float) -> None:
         self.steps += 1
@@ -55,26 +57,45 @@ class StepMeter:
     def add_output(self, out: TaskOutput, micro_batches: int) -> None:
         """One micro-batch's output (its parts count 1/``micro_batches`` of a step)."""
         for name, value in out.parts.items():
-            self.sums[name] += float(value) / micro_batches
+            self.sums[name] = self.sums[name] + _detached(value) / micro_batches
         self.samples += out.samples
-        self.tokens += out.tokens
+        self.tokens = self.tokens + _detached(out.tokens)
         for layers in out.moe_stats:
             for layer, branches in enumerate(layers):
                 for branch, stats in branches.items():
                     self._add_moe(f"layer{layer}.{branch}", stats)
 
     def _add_moe(self, key: str, stats: dict[str, torch.Tensor]) -> None:
-        weight = float(stats["routed_tokens"]) if "routed_tokens" in stats else 1.0
-        self.moe_weight[key] += weight
+        weight = stats["routed_tokens"].detach().float() if "routed_tokens" in stats else 1.0
+        self.moe_weight[key] = self.moe_weight[key] + weight
         for name, value in stats.items():
             if name == "tokens_per_expert":
-                counts = value.tolist()
-                old = self.moe_load.get(key, [0.0] * len(counts))
-                self.moe_load[key] = [a + b for a, b in zip(old, counts)]
+                counts, old = value.detach().float(), self.moe_load.get(key)
+                if isinstance(old, list):  # settled by a checkpoint within this interval
+                    old = counts.new_tensor(old)
+                self.moe_load[key] = counts if old is None else old + counts
             elif name != "routed_tokens" and value.numel() == 1:
-                self.moe_sums[key][name] += float(value) * weight
+                self.moe_sums[key][name] = self.moe_sums[key][name] + value.detach().float().reshape(()) * weight
+
+    def _settle(self) -> None:
+        """Every tensor summed so far replaced by its value (numbers; lists for expert loads),
+        read from the device in one transfer."""
+        slots = [(self.sums, k) for k in self.sums] + [(self.moe_weight, k) for k in self.moe_weight]
+        slots += [(self.moe_load, k) for k in self.moe_load] + [(self, "tokens")]
+        slots += [(sums, k) for sums in self.moe_sums.values() for k in sums]
+        slots = [(owner, k) for owner, k in slots if isinstance(_get(owner, k), torch.Tensor)]
+        if not slots:
+            return
+        tensors = [_get(owner, k) for owner, k in slots]
+        values = torch.cat([t.reshape(-1).double() for t in tensors]).tolist()
+        at = 0
+        for (owner, k), t in zip(slots, tensors):
+            n = t.numel()
+            _set(owner, k, values[at:at + n] if owner is self.moe_load else values[at])
+            at += n
 
     def summary(self) -> dict[str, Any]:
+        self._settle()
         steps = max(self.steps, 1)
         out: dict[str, Any] = {"loss": self.sums["loss"] / steps}
         out.update({k: v / steps for k, v in self.sums.items() if k != "loss"})
@@ -94,6 +115,7 @@ class StepMeter:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        self._settle()
         return {"sums": dict(self.sums), "steps": self.steps, "samples": self.samples, "tokens": self.tokens,
                 "moe_load": dict(self.moe_load), "moe_sums": {k: dict(v) for k, v in self.moe_sums.items()},
                 "moe_weight": dict(self.moe_weight)}
@@ -106,6 +128,21 @@ class StepMeter:
         for key, sums in state["moe_sums"].items():
             self.moe_sums[key].update(sums)
         self.moe_weight.update(state["moe_weight"])
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _get(owner, key):
+    return getattr(owner, key) if isinstance(owner, StepMeter) else owner[key]
+
+
+def _set(owner, key, value) -> None:
+    if isinstance(owner, StepMeter):
+        setattr(owner, key, value)
+    else:
+        owner[key] = value
 
 
 def _layer_order(key: str) -> tuple[int, str]:

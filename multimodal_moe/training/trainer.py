@@ -109,18 +109,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators this process draws from: the CPU's, Python's and its own GPU's (each rank
+    saves only the GPU it uses)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def build_task(cfg: Config) -> Task:
@@ -217,6 +219,8 @@ class Trainer:
         if env.device.type == "cpu":
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(tc.precision, env.device)
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32
         self.task = task = build_task(cfg)
         # what the task settled at build time (a VQA answer list) goes into the checkpoints
         self.cfg = cfg = dataclasses.replace(cfg, task=task.resolved_config())
@@ -238,7 +242,7 @@ class Trainer:
                                            warmup_t=tc.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
                                            t_in_epochs=False)
         self.ema = ModelEmaV3(task.model, decay=tc.ema_decay) if tc.ema_decay else None
-        self.data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers)
+        self.data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers, pin_memory=env.device.type == "cuda")
         self.meter, self.log = StepMeter(), MetricsLog(self.run_dir / "metrics.jsonl")
         self.step = self.bad_steps = self.bad_in_a_row = 0
         self.sigterm: list[int] = []  # filled by SIGTERM while fit runs
@@ -258,14 +262,22 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list) -> StepInfo:
-        """One optimizer update from ``micro_batches`` (this rank's share of the global batch)."""
+        """One optimizer update from ``micro_batches`` (this rank's share of the global batch).
+
+        On a GPU it makes one host sync (reading the update's finite flag, loss and gradient
+        norm together): batches are copied asynchronously from page-locked memory, and what is
+        logged stays on the device until a logging step reads it."""
         self.task.train()
         self.scheduler.step_update(self.step + 1)  # the lr of update step+1 (update 0 would have lr 0)
         self.optimizer.zero_grad(set_to_none=True)
-        outputs, finite = [], True
+        device, cuda = self.env.device, self.env.device.type == "cuda"
+        outputs = []
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        loss_sum = torch.zeros((), device=device)
         micro_batches = self.task.prepare_step(micro_batches)
         for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.env.device) if hasattr(batch, "to") else batch
+            if hasattr(batch, "to"):
+                batch = (batch.pin_memory() if cuda else batch).to(device, non_blocking=cuda)
             last = i == len(micro_batches) - 1
             amp = torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype \
                 else contextlib.nullcontext()
@@ -274,15 +286,18 @@ class Trainer:
             with self.parallel.sync(last):
                 # every rank runs every backward (collectives must match); a bad step is dropped below
                 (out.loss / len(micro_batches)).backward()
-            finite &= bool(torch.isfinite(out.loss))
+            finite &= torch.isfinite(out.loss.detach())
+            loss_sum += out.loss.detach().float()
             outputs.append(out)
         self.parallel.finish_grads()
         grad_norm = self.parallel.clip_grad_norm(self.clip)
         # one all-reduce: every rank's step finite, and whether any rank got SIGTERM (see fit)
-        all_finite, any_stop = self.env.mean([float(finite), float(bool(self.sigterm))])
-        finite = all_finite == 1.0 and bool(torch.isfinite(grad_norm))
+        flags = torch.stack([finite.float(), torch.full((), float(bool(self.sigterm)), device=device)])
+        flags = self.env.mean_tensor(flags)
+        all_finite, any_stop, loss, grad_norm_value = torch.cat(
+            [flags, torch.stack([loss_sum / len(outputs), grad_norm.float()])]).tolist()  # the step's host sync
+        finite = all_finite == 1.0 and math.isfinite(grad_norm_value)
         self.stop_requested = any_stop > 0
-        loss = sum(float(out.loss.detach()) for out in outputs) / len(outputs)
         if finite:
             self.optimizer.step()
             if self.ema is not None:
@@ -290,14 +305,14 @@ class Trainer:
             self.bad_in_a_row = 0
             for out in outputs:
                 self.meter.add_output(out, len(outputs))
-            self.meter.add_step(loss, float(grad_norm),
+            self.meter.add_step(loss, grad_norm_value,
                                 max(g["lr"] / g.get("lr_scale", 1.0) for g in self.optimizer.param_groups))
         else:
             self.bad_steps += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepInfo(loss, float(grad_norm), finite)
+        return StepInfo(loss, grad_norm_value, finite)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -376,7 +391,8 @@ class Trainer:
         """Write a checkpoint of the current step (every rank calls it)."""
         env, parallel = self.env, self.parallel
         writer = CheckpointWriter(self.ckpt_dir, self.step, is_main=env.is_main, barrier=env.barrier)
-        per_rank = env.gather({"data": self.data.state_dict(), "rng": rng_state(), "meter": self.meter.state_dict()})
+        per_rank = env.gather({"data": self.data.state_dict(), "rng": rng_state(env.device),
+                               "meter": self.meter.state_dict()})
         if parallel.kind == "fsdp":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import (
@@ -445,7 +461,7 @@ class Trainer:
         mine = state["per_rank"][env.rank]
         self.data.load_state_dict(mine["data"])
         self.meter.load_state_dict(mine["meter"])
-        set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"], env.device)
         self.step, self.bad_steps, self.bad_in_a_row = state["step"], state["bad_steps"], state["bad_in_a_row"]
         if env.is_main:
             self.log.truncate(after_step=self.step)

@@ -1,0 +1,118 @@
+"""The GPU acceptance run (``mmoe bench gpu``) on the CPU: its report, its refusals and its FLOP
+accounting (never its timings)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import multimodal_moe as mm
+from data_pipelines.batches import ImageBatch, ImageTextBatch, LMBatch, TextBatch
+from multimodal_moe import bench_gpu
+from multimodal_moe.bench_gpu import synthetic_step
+from multimodal_moe.cli import main
+from multimodal_moe.flops import active_parameters, model_flops_per_step, peak_bf16_tflops
+from multimodal_moe.training import Trainer
+
+GROUPED_CASES = ("grouped_matmul_bf16", "grouped_matmul_bf16_unaligned", "grouped_experts_bf16",
+                 "grouped_experts_fp32_autocast")
+
+
+def test_cpu_quick_run_trains_presets_and_checks_grouped_matmul(tmp_path, capsys, monkeypatch):
+    # one thread in the section processes: two spinning OpenMP threads on a busy 2-core machine run
+    # a debug step 20x slower
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "gpu.json"
+    code = main(["bench", "gpu", "--device", "cpu", "--quick", "--sections", "presets,grouped_mm",
+                 "--presets", "beit3/xmoe_debug,lm/openmoe_debug", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert code == 0 and report["ok"]
+    assert report["device"]["type"] == "cpu" and report["device"]["torch"] == torch.__version__
+    assert {"name", "cuda", "bf16_supported", "xformers"} <= set(report["device"])
+    assert "distributed" not in report and "throughput" not in report
+
+    presets = report["presets"]
+    assert presets["ok"] and list(presets["results"]) == ["beit3/xmoe_debug", "lm/openmoe_debug"]
+    for entry in presets["results"].values():
+        assert entry["ok"] and entry["finite"] and entry["checkpoint_loads"] and entry["bad_steps"] == 0
+        assert entry["steps"] == 10 and entry["mean_last_3"] < entry["mean_first_3"]
+        assert entry["first_loss_rel_diff"] <= presets["first_loss_rtol"]
+
+    grouped = report["grouped_mm"]
+    assert grouped["ok"] and 0 in grouped["rows_per_expert"]
+    for case in GROUPED_CASES:
+        assert grouped[case]["ok"] and grouped[case]["empty_experts_max_abs_weight_grad"] == 0.0
+        assert {"forward", "grad_x_MK" if "matmul" in case else "grad_w1_EDF"} <= set(grouped[case]["errors"])
+    assert grouped["speed"]["ok"] and grouped["speed"]["grouped_rows_per_s"] > 0
+
+
+def test_without_cuda_it_refuses_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "gpu", "--out", "never.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CUDA is not available" in err and "--device cpu" in err and "\n" not in err
+
+
+def test_unknown_sections_and_presets_are_named(capsys):
+    assert main(["bench", "gpu", "--device", "cpu", "--sections", "presets,speed"]) == 2
+    assert "['speed']" in capsys.readouterr().err
+    assert main(["bench", "gpu", "--device", "cpu", "--presets", "beit3/base"]) == 2
+    assert "beit3/debug" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "expert_params", "share"), [
+    ("lm/debug", 0, 1.0),
+    ("lm/xmoe_debug", 4 * 2 * 64 * 64, 1 / 4),  # top-1 of 4 GELU experts 64 -> 64
+    ("lm/openmoe_debug", 4 * 3 * 64 * 64, 2 / 4),  # top-2 of 4 SwiGLU experts
+    ("lm/mhmoe_debug", 4 * 2 * 16 * 64, 4 * 1 / 4),  # 4 sub-tokens of width 16, each top-1 of 4
+    ("lm/mot_debug", 4 * 2 * 64 * 64, 1 / 2),  # every expert once per mixture of 2 tokens
+])
+def test_active_parameters_count_the_experts_a_token_uses(preset, expert_params, share):
+    model = mm.build_model(mm.load_config(preset))  # tied embeddings: the output projection counts once
+    total = sum(p.numel() for p in model.parameters())
+    assert active_parameters(model) == total - expert_params * (1 - share)
+
+
+def test_a_token_takes_one_multiway_branch():
+    model = mm.build_model(mm.load_config("beit3/debug"))
+    vision, text = (active_parameters(block.ffn[name]) for block in model.layers[:1] for name in ("vision", "text"))
+    assert vision == text == 2 * 64 * 128 + 128 + 64 + 2 * 128  # fc1, fc2 with biases, the Sub-LN
+    assert active_parameters(model.layers[0].ffn) == vision
+
+
+def test_model_flops_and_device_peaks():
+    assert model_flops_per_step(10, depth=2, dim=4, sequences=[(3, 5)]) == {
+        "tokens": 15, "parameter_flops": 6 * 10 * 15, "attention_flops": 12 * 2 * 4 * 3 * 5 * 5}
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0 and peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_bf16_tflops("NVIDIA L40S") == 362.0
+    assert peak_bf16_tflops("NVIDIA H100 NVL") is None and peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_synthetic_steps_have_the_task_batch_types_and_train(tmp_path):
+    cfg = mm.load_config("beit3/xmoe_debug", ["task.image.batch_size=4", "task.text.batch_size=4",
+                                              "task.image_text.batch_size=4", "train.num_workers=0"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    step, sequences = synthetic_step(trainer.cfg, torch.device("cpu"))
+    assert isinstance(step.image, ImageBatch) and isinstance(step.text, TextBatch)
+    assert isinstance(step.image_text, ImageTextBatch)
+    text_len = trainer.cfg.task.text.max_len
+    assert step.image.images_B3HW.shape == (4, 3, 32, 32) and step.text.text_ids_BL.shape == (4, text_len)
+    assert sequences == [(4, 17), (4, text_len), (4, 17 + trainer.cfg.task.image_text.max_len)]
+    info = trainer.train_step([step])
+    assert info.applied and torch.isfinite(torch.tensor(info.loss))
+
+    lm = mm.load_config("lm/debug", ["task.text.batch_size=3", "task.text.max_len=16"])
+    batch, sequences = synthetic_step(lm, torch.device("cpu"))
+    assert isinstance(batch, LMBatch) and batch.ids_BT.shape == (3, 17) and sequences == [(3, 16)]
+
+
+def test_a_section_running_past_the_budget_is_killed(monkeypatch):
+    monkeypatch.setattr(bench_gpu, "CHILD_GRACE_S", 1)
+    start = time.time()
+    entry = bench_gpu._run_section_process("grouped_mm", ["--device", "cpu", "--quick"], deadline=start)
+    assert not entry["ok"] and entry["error"].startswith("killed after 1 s")

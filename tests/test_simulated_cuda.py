@@ -1,0 +1,195 @@
+"""The simulated-CUDA tier: one training step of every task and FFN kind on ``cuda``, in fp32
+and under bf16 autocast, with CUDA's device, dtype, grouped-GEMM and host-sync rules enforced
+(:mod:`tests.simulated_cuda`); plus one evaluation pass of each task."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval_tasks.retrieval
+import multimodal_moe as mm
+import multimodal_moe.tasks.mmm
+from data_pipelines.visual_targets import VisualTargets, VQKDTokenizer
+from multimodal_moe.layers.moe import Router
+from multimodal_moe.layers.mot import MixtureOfTokens
+from multimodal_moe.training.trainer import Trainer
+
+from .simulated_cuda import SimTensor, SimulatedCuda
+
+# a training step outside a logging step may read the host this many times (the update's
+# finite flag, loss and gradient norm are read together, once)
+SYNC_BUDGET = 2
+
+ENCODER_FFNS = {
+    "dense": ("beit3/debug", []),
+    "topk_softmax_dropless": ("beit3/xmoe_debug", ["model.moe_ffn.router=softmax", "model.moe_ffn.top_k=2",
+                                                   "model.moe_ffn.capacity_factor=null"]),
+    "xmoe_capacity": ("pretrain/debug", []),  # the default preset of `mmoe pretrain`
+    "xmoe_dropless": ("beit3/xmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
+    "shared_expert": ("beit3/xmoe_debug", ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null",
+                                           "model.moe_ffn.shared_expert_dim=32"]),
+    "mh_moe": ("beit3/mhmoe_debug", []),
+    "mh_moe_dropless": ("beit3/mhmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
+    "mot": ("beit3/mot_debug", []),
+}
+LM_FFNS = {
+    "dense": ("lm/debug", []),
+    "xmoe_capacity": ("lm/xmoe_debug", []),
+    "topk_swiglu_capacity": ("lm/openmoe_debug", []),
+    "topk_softmax_dropless": ("lm/openmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
+    "shared_expert": ("lm/openmoe_debug", ["model.moe_ffn.capacity_factor=null", "model.moe_ffn.shared_expert_dim=32"]),
+    "mh_moe": ("lm/mhmoe_debug", []),
+    "mh_moe_dropless": ("lm/mhmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
+    "mot": ("lm/mot_debug", []),
+}
+DROPLESS_MOE = {"topk_softmax_dropless", "xmoe_dropless", "shared_expert", "mh_moe_dropless"}
+MOE_OVERRIDES = ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null"]  # fine-tuning cases
+PRECISIONS = ["fp32", "bf16"]
+# small batches and shuffle buffers: the simulation runs every op in Python
+SMALL = {"lm": ["task.text.batch_size=4", "task.text.max_len=32", "task.text.shuffle_buffer=20"],
+         "finetune": ["task.train.batch_size=8", "task.train.shuffle_buffer=20"],
+         "mmm": [f"task.{s}.{k}" for s in ("image", "text", "image_text") for k in ("batch_size=8", "shuffle_buffer=20")]}
+
+
+def small(preset: str) -> list[str]:
+    return SMALL["lm" if preset.startswith("lm/") else "finetune" if preset.startswith("finetune/") else "mmm"]
+
+
+@contextlib.contextmanager
+def simulated(monkeypatch):
+    """A SimulatedCuda with the code that must stay in fp32 under autocast marked as such."""
+    with SimulatedCuda() as sim:
+        def fp32(owner, name, what):
+            original = getattr(owner, name)
+
+            def run(*args, **kwargs):
+                with sim.fp32_region(what):
+                    return original(*args, **kwargs)
+            monkeypatch.setattr(owner, name, run)
+
+        fp32(Router, "forward", "router logits")
+        fp32(MixtureOfTokens, "mixing_weights", "MoT mixing weights")
+        fp32(VisualTargets, "__call__", "visual targets")
+        fp32(eval_tasks.retrieval, "clip_loss", "CLIP loss")
+        fp32(multimodal_moe.tasks.mmm, "_cross_entropy", "masked-modeling cross-entropy")
+        for loss in ("cross_entropy", "mse_loss", "binary_cross_entropy_with_logits"):
+            fp32(F, loss, f"F.{loss}")
+        yield sim
+        monkeypatch.undo()
+
+
+def one_step(monkeypatch, tmp_path, preset: str, overrides: list[str], precision: str):
+    """A Trainer on the simulated GPU and one training step; returns (sim, step info)."""
+    cfg = mm.load_config(preset, [*small(preset), *overrides, "train.device=cuda", f"train.precision={precision}",
+                                  "train.num_workers=0"])
+    with simulated(monkeypatch) as sim:
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+        assert all(isinstance(p, SimTensor) for p in trainer.task.parameters())
+        batches = iter(trainer.data)
+        micro_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
+        sim.reset()
+        info = trainer.train_step(micro_batches)
+        grads = [p.grad for p in trainer.task.parameters() if p.requires_grad]
+    return sim, info, grads
+
+
+def check_step(sim, info, grads, *, precision: str, dropless_moe: bool) -> None:
+    assert info.applied and torch.isfinite(torch.tensor(info.loss))
+    assert not sim.errors, "\n".join(sim.errors)
+    assert len(sim.syncs) <= SYNC_BUDGET, "host syncs in one training step:\n" + "\n".join(map(str, sim.syncs))
+    assert all(isinstance(g, SimTensor) for g in grads if g is not None)
+    assert any(g is not None for g in grads)
+    if dropless_moe and precision == "bf16":  # the experts take the grouped kernel
+        assert sim.grouped_mm and all(c["a"][0] == c["b"][0] == torch.bfloat16 for c in sim.grouped_mm)
+    if precision == "fp32":  # no fp32 grouped kernel on CUDA: the padded layout, no sync
+        assert not sim.grouped_mm
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("ffn", ENCODER_FFNS)
+def test_masked_data_modeling_step(monkeypatch, tmp_path, ffn, precision):
+    preset, overrides = ENCODER_FFNS[ffn]
+    sim, info, grads = one_step(monkeypatch, tmp_path, preset, overrides, precision)
+    check_step(sim, info, grads, precision=precision, dropless_moe=ffn in DROPLESS_MOE)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("ffn", LM_FFNS)
+def test_language_modeling_step(monkeypatch, tmp_path, ffn, precision):
+    preset, overrides = LM_FFNS[ffn]
+    sim, info, grads = one_step(monkeypatch, tmp_path, preset, overrides, precision)
+    check_step(sim, info, grads, precision=precision, dropless_moe=ffn in DROPLESS_MOE)
+
+
+def _vqkd_file(path) -> str:
+    torch.manual_seed(0)
+    tokenizer = VQKDTokenizer(image_size=32, patch_size=8, dim=32, depth=2, heads=2, codebook_size=64, codebook_dim=8)
+    torch.save({"model": tokenizer.state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("targets", ["vqkd", "pixels"])
+def test_masked_data_modeling_targets(monkeypatch, tmp_path, targets, precision):
+    kind = "{kind: pixels}" if targets == "pixels" else f"{{kind: vqkd, path: {_vqkd_file(tmp_path / 'vqkd.pth')}}}"
+    sim, info, grads = one_step(monkeypatch, tmp_path, "pretrain/debug", [*MOE_OVERRIDES, f"task.visual_targets={kind}"],
+                                precision)
+    check_step(sim, info, grads, precision=precision, dropless_moe=True)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("task", ["vqa", "retrieval"])
+def test_finetuning_step(monkeypatch, tmp_path, task, precision):
+    sim, info, grads = one_step(monkeypatch, tmp_path, f"finetune/{task}_debug", MOE_OVERRIDES, precision)
+    check_step(sim, info, grads, precision=precision, dropless_moe=True)
+
+
+@pytest.mark.parametrize("task", ["vqa", "retrieval"])
+def test_finetuning_evaluation(monkeypatch, tmp_path, task):
+    cfg = mm.load_config(f"finetune/{task}_debug", [*MOE_OVERRIDES, "train.device=cuda", "train.precision=bf16",
+                                                    "task.eval_batch_size=64"])
+    with simulated(monkeypatch) as sim:
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+        sim.reset()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            results = trainer.task.evaluate(tmp_path / "eval")
+    assert not sim.errors, "\n".join(sim.errors)
+    assert results  # scored on the held-out split without a device mismatch
+
+
+def test_language_model_evaluation(monkeypatch, tmp_path):
+    from eval_tasks.lm_eval import perplexity, read_documents
+
+    cfg = mm.load_config("lm/openmoe_debug", ["train.device=cuda", "train.precision=bf16"])
+    with simulated(monkeypatch) as sim:
+        trainer = Trainer(cfg, tmp_path / "run", progress=False)
+        model = trainer.task.model.eval()
+        documents = read_documents(["bundled:text/val"])[:4]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            result = perplexity(model, trainer.task.tokenizer, documents, seq_len=64, batch_size=4)
+    assert not sim.errors, "\n".join(sim.errors)
+    assert result["perplexity"] > 1
+
+
+def test_the_tier_catches_what_it_is_for(monkeypatch):
+    """Each rule fails a step that breaks it: a CPU tensor in a CUDA op, bf16 x fp32 grouped
+    GEMM, a bf16 op in an fp32 region, and a host read."""
+    with simulated(monkeypatch) as sim:
+        x = torch.randn(8, 16, device="cuda")
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.randn(8, 16)
+        with pytest.raises(RuntimeError):  # passes CUDA's checks, then fails in the fallback (here: at once)
+            torch._grouped_mm(x.bfloat16(), torch.randn(2, 16, 16, device="cuda"),
+                              offs=torch.tensor([4, 8], dtype=torch.int32, device="cuda"))
+        with sim.fp32_region("a router"):
+            x.bfloat16() @ x.t().bfloat16()
+        sim.syncs.clear()
+        bool(x.sum() > 0)
+        x[x > 0]
+    assert any("different dtypes" in e for e in sim.errors)
+    assert any("fp32 region 'a router'" in e for e in sim.errors)
+    assert [s.op for s in sim.syncs] == ["aten._local_scalar_dense.default", "aten.index.Tensor with a boolean mask"]
