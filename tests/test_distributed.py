@@ -224,3 +224,13 @@ def test_evaluation_at_world_two_gathers_every_rank_share(tmp_path, preset):
     for key, value in single.items():
         if isinstance(value, float):  # per-rank batches differ, so an exact tie may break differently
             assert report[key] == pytest.approx(value, abs=0.5), key
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """`cuda:N` under torchrun would put every rank on GPU N; a bare `cuda` takes LOCAL_RANK."""
+    from multimodal_moe.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="all 2 ranks on GPU 3.*train.device=cuda"):
+        init_distributed("cuda:3")

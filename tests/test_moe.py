@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from multimodal_moe.configurable import ConfigError
-from multimodal_moe.layers.moe import MultiHeadMoEConfig, TopKMoEConfig, _grouped_mm_supported
+from multimodal_moe.layers.moe import MultiHeadMoEConfig, TopKMoEConfig, _grouped_kernel, _grouped_mm_supported
 
 ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -116,10 +116,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["grouped", "padded"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_topk_matches_loop_oracle(case, padded):
+def test_topk_matches_loop_oracle(case, padded, layout):
     moe = make(**CASES[case])
+    moe.dispatch = layout  # both expert layouts give the same tokens the same experts and gates
     x = torch.randn(3, 5, 16, requires_grad=True)
     mask = None
     if padded:
@@ -246,8 +248,10 @@ def mh_oracle(moe, x_BTD, mask=None):
 @pytest.mark.parametrize("kw", [dict(heads=4), dict(heads=2, top_k=1, capacity_factor=0.5),
                                 dict(heads=4, sub_token_residual=True, router="xmoe"), dict(heads=2, hidden_dim=10)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_mh_moe_matches_oracle(kw, padded):
+@pytest.mark.parametrize("layout", ["grouped", "padded"])
+def test_mh_moe_matches_oracle(kw, padded, layout):
     moe = make(dim=32, **kw)
+    moe.dispatch = layout
     x = torch.randn(2, 5, 32, requires_grad=True)
     mask = None
     if padded:
@@ -305,3 +309,32 @@ def test_mh_moe_config_validation():
     with pytest.raises(ConfigError) as info:
         MultiHeadMoEConfig(hidden_dim=8, heads=3).build(16)
     assert info.value.key == "heads" and "16" in info.value.message
+
+
+def test_the_layout_follows_the_dtype_and_the_device():
+    """Dropless layers take the grouped layout where a grouped kernel exists without a host
+    sync, capacity-limited ones the (E, C) layout (the simulated-CUDA tier checks CUDA)."""
+    x = torch.randn(2, 6, 16)
+    dropless, capped = make(), make(capacity_factor=1.0)
+    calls = []
+    for moe in (dropless, capped):
+        moe._grouped = lambda *a, f=moe._grouped: calls.append("grouped") or f(*a)
+        moe._padded = lambda *a, f=moe._padded: calls.append("padded") or f(*a)
+    dropless(x), capped(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dropless(x)
+    assert calls == ["grouped", "padded", "grouped"]
+    assert dropless.experts.grouped_without_sync(x.bfloat16())
+    assert not _grouped_kernel(torch.float32, torch.device("cuda"), (16, 32))
+    assert _grouped_kernel(torch.bfloat16, torch.device("cuda"), (16, 32))
+    assert not _grouped_kernel(torch.bfloat16, torch.device("cuda"), (16, 12))  # rows not 16-byte aligned
+
+
+def test_experts_run_in_the_autocast_dtype():
+    moe = make(top_k=2)
+    x = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+        logits = moe.router(x.reshape(-1, 16))
+    assert out.hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(out.hidden.float(), moe(x).hidden, atol=3e-2, rtol=3e-2)

@@ -24,17 +24,32 @@ from .simulated_cuda import SimTensor, SimulatedCuda
 # finite flag, loss and gradient norm are read together, once)
 SYNC_BUDGET = 2
 
+def _moe(ffn: str, *extra: str) -> list[str]:
+    return ["model.moe_every=3", f"model.moe_ffn={{{ffn}}}", *extra]
+
+
+# (an override merges into the preset's moe_ffn, so each spells out what it differs in)
+_TOPK = "kind: topk_moe, hidden_dim: 64, num_experts: 4, top_k: 2, router: softmax, renormalize: false"
+_XMOE = "kind: topk_moe, hidden_dim: 64, num_experts: 4, top_k: 1, router: xmoe, renormalize: true"
+_MH_MOE = "kind: mh_moe, heads: 4, hidden_dim: 64, num_experts: 4, top_k: 1, router: xmoe, renormalize: true"
+_PAPER = ("model.layout=paper", "model.vl_ffn_layers=1")
+# model overrides for any debug-size encoder preset: every FFN kind, in its debug preset's shape
 ENCODER_FFNS = {
-    "dense": ("beit3/debug", []),
-    "topk_softmax_dropless": ("beit3/xmoe_debug", ["model.moe_ffn.router=softmax", "model.moe_ffn.top_k=2",
-                                                   "model.moe_ffn.capacity_factor=null"]),
-    "xmoe_capacity": ("pretrain/debug", []),  # the default preset of `mmoe pretrain`
-    "xmoe_dropless": ("beit3/xmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
-    "shared_expert": ("beit3/xmoe_debug", ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null",
-                                           "model.moe_ffn.shared_expert_dim=32"]),
-    "mh_moe": ("beit3/mhmoe_debug", []),
-    "mh_moe_dropless": ("beit3/mhmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
-    "mot": ("beit3/mot_debug", []),
+    "dense": ["model.moe_every=0", "model.moe_ffn=null"],
+    "topk_softmax_dropless": _moe(f"{_TOPK}, capacity_factor: null"),
+    "xmoe_capacity": _moe(f"{_XMOE}, capacity_factor: 1.0"),  # the default preset's own
+    "xmoe_dropless": _moe(f"{_XMOE}, capacity_factor: null"),
+    "shared_expert": _moe(f"{_TOPK}, capacity_factor: null, shared_expert_dim: 32"),
+    "mh_moe_capacity": _moe(f"{_MH_MOE}, capacity_factor: 1.0", *_PAPER),
+    "mh_moe_dropless": _moe(f"{_MH_MOE}, capacity_factor: null", *_PAPER),
+    "mot": _moe("kind: mot, hidden_dim: 64, num_experts: 4, group_size: 2", "model.moe_branches=[vision]"),
+}
+ENCODER_TASKS = {
+    "mmm_kmeans": ("pretrain/debug", []),
+    "mmm_vqkd": ("pretrain/debug", ["task.visual_targets={kind: vqkd, path: VQKD}"]),
+    "mmm_pixels": ("pretrain/debug", ["task.visual_targets={kind: pixels}"]),
+    "vqa": ("finetune/vqa_debug", []),
+    "retrieval": ("finetune/retrieval_debug", []),
 }
 LM_FFNS = {
     "dense": ("lm/debug", []),
@@ -42,12 +57,12 @@ LM_FFNS = {
     "topk_swiglu_capacity": ("lm/openmoe_debug", []),
     "topk_softmax_dropless": ("lm/openmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
     "shared_expert": ("lm/openmoe_debug", ["model.moe_ffn.capacity_factor=null", "model.moe_ffn.shared_expert_dim=32"]),
-    "mh_moe": ("lm/mhmoe_debug", []),
+    "mh_moe_capacity": ("lm/mhmoe_debug", []),
     "mh_moe_dropless": ("lm/mhmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
     "mot": ("lm/mot_debug", []),
 }
 DROPLESS_MOE = {"topk_softmax_dropless", "xmoe_dropless", "shared_expert", "mh_moe_dropless"}
-MOE_OVERRIDES = ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null"]  # fine-tuning cases
+MOE_OVERRIDES = ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null"]  # evaluation cases
 PRECISIONS = ["fp32", "bf16"]
 # small batches and shuffle buffers: the simulation runs every op in Python
 SMALL = {"lm": ["task.text.batch_size=4", "task.text.max_len=32", "task.text.shuffle_buffer=20"],
@@ -82,10 +97,14 @@ def simulated(monkeypatch):
         monkeypatch.undo()
 
 
-def one_step(monkeypatch, tmp_path, preset: str, overrides: list[str], precision: str):
-    """A Trainer on the simulated GPU and one training step; returns (sim, step info)."""
-    cfg = mm.load_config(preset, [*small(preset), *overrides, "train.device=cuda", f"train.precision={precision}",
-                                  "train.num_workers=0"])
+def config(preset: str, overrides: list[str], precision: str) -> mm.Config:
+    """A preset on ``cuda`` with small batches."""
+    return mm.load_config(preset, [*small(preset), *overrides, "train.device=cuda", f"train.precision={precision}",
+                                   "train.num_workers=0"])
+
+
+def one_step(monkeypatch, tmp_path, cfg: mm.Config):
+    """A Trainer on the simulated GPU and one training step; returns (sim, step info, gradients)."""
     with simulated(monkeypatch) as sim:
         trainer = Trainer(cfg, tmp_path / "run", progress=False)
         assert all(isinstance(p, SimTensor) for p in trainer.task.parameters())
@@ -109,11 +128,30 @@ def check_step(sim, info, grads, *, precision: str, dropless_moe: bool) -> None:
         assert not sim.grouped_mm
 
 
+@pytest.fixture(scope="module")
+def vqkd_file(tmp_path_factory) -> str:
+    """A tiny VQ-KD tokenizer for the debug encoder's 32-pixel images, saved as unilm saves one."""
+    torch.manual_seed(0)
+    tokenizer = VQKDTokenizer(image_size=32, patch_size=8, dim=32, depth=2, heads=2, codebook_size=64, codebook_dim=8)
+    path = tmp_path_factory.mktemp("vqkd") / "vqkd.pth"
+    torch.save({"model": tokenizer.state_dict()}, path)
+    return str(path)
+
+
+def test_the_default_preset_step(monkeypatch, tmp_path):
+    """`mmoe pretrain`'s default preset at its own batch sizes, under bf16 as on a GPU."""
+    cfg = mm.load_config("pretrain/debug", ["train.device=cuda", "train.num_workers=0"])
+    sim, info, grads = one_step(monkeypatch, tmp_path, cfg)
+    check_step(sim, info, grads, precision="bf16", dropless_moe=False)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("ffn", ENCODER_FFNS)
-def test_masked_data_modeling_step(monkeypatch, tmp_path, ffn, precision):
-    preset, overrides = ENCODER_FFNS[ffn]
-    sim, info, grads = one_step(monkeypatch, tmp_path, preset, overrides, precision)
+@pytest.mark.parametrize("task", ENCODER_TASKS)
+def test_encoder_task_step(monkeypatch, tmp_path, vqkd_file, task, ffn, precision):
+    preset, overrides = ENCODER_TASKS[task]
+    overrides = [o.replace("VQKD", vqkd_file) for o in overrides] + ENCODER_FFNS[ffn]
+    sim, info, grads = one_step(monkeypatch, tmp_path, config(preset, overrides, precision))
     check_step(sim, info, grads, precision=precision, dropless_moe=ffn in DROPLESS_MOE)
 
 
@@ -121,31 +159,8 @@ def test_masked_data_modeling_step(monkeypatch, tmp_path, ffn, precision):
 @pytest.mark.parametrize("ffn", LM_FFNS)
 def test_language_modeling_step(monkeypatch, tmp_path, ffn, precision):
     preset, overrides = LM_FFNS[ffn]
-    sim, info, grads = one_step(monkeypatch, tmp_path, preset, overrides, precision)
+    sim, info, grads = one_step(monkeypatch, tmp_path, config(preset, overrides, precision))
     check_step(sim, info, grads, precision=precision, dropless_moe=ffn in DROPLESS_MOE)
-
-
-def _vqkd_file(path) -> str:
-    torch.manual_seed(0)
-    tokenizer = VQKDTokenizer(image_size=32, patch_size=8, dim=32, depth=2, heads=2, codebook_size=64, codebook_dim=8)
-    torch.save({"model": tokenizer.state_dict()}, path)
-    return str(path)
-
-
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("targets", ["vqkd", "pixels"])
-def test_masked_data_modeling_targets(monkeypatch, tmp_path, targets, precision):
-    kind = "{kind: pixels}" if targets == "pixels" else f"{{kind: vqkd, path: {_vqkd_file(tmp_path / 'vqkd.pth')}}}"
-    sim, info, grads = one_step(monkeypatch, tmp_path, "pretrain/debug", [*MOE_OVERRIDES, f"task.visual_targets={kind}"],
-                                precision)
-    check_step(sim, info, grads, precision=precision, dropless_moe=True)
-
-
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("task", ["vqa", "retrieval"])
-def test_finetuning_step(monkeypatch, tmp_path, task, precision):
-    sim, info, grads = one_step(monkeypatch, tmp_path, f"finetune/{task}_debug", MOE_OVERRIDES, precision)
-    check_step(sim, info, grads, precision=precision, dropless_moe=True)
 
 
 @pytest.mark.parametrize("task", ["vqa", "retrieval"])
@@ -193,3 +208,31 @@ def test_the_tier_catches_what_it_is_for(monkeypatch):
     assert any("different dtypes" in e for e in sim.errors)
     assert any("fp32 region 'a router'" in e for e in sim.errors)
     assert [s.op for s in sim.syncs] == ["aten._local_scalar_dense.default", "aten.index.Tensor with a boolean mask"]
+
+
+def test_metrics_stay_on_the_device_until_logged(monkeypatch):
+    """The meter sums device values without reading them; a summary reads them in one transfer
+    and gives what the host-side sums would."""
+    from multimodal_moe.tasks.base import TaskOutput
+    from multimodal_moe.training.metrics import StepMeter
+
+    meter = StepMeter()
+    with simulated(monkeypatch) as sim:
+        outputs = []
+        for loss, counts in ((2.0, [3.0, 1.0]), (4.0, [1.0, 3.0])):
+            stats = {"tokens_per_expert": torch.tensor(counts, device="cuda"),
+                     "routed_tokens": torch.full((), 4.0, device="cuda"),
+                     "dropped_fraction": torch.full((), loss / 10, device="cuda")}
+            outputs.append((loss, TaskOutput(torch.zeros((), device="cuda"), {"part": torch.full((), loss, device="cuda")},
+                                             samples=2, tokens=torch.full((), 8, device="cuda"),
+                                             moe_stats=[[{"x": stats}]])))
+        sim.reset()
+        for loss, out in outputs:
+            meter.add_output(out, micro_batches=1)
+            meter.add_step(loss, 1.0, 1e-3)
+        assert not sim.syncs
+        summary = meter.summary()
+        assert len(sim.syncs) == 1
+    assert summary["part"] == 3.0 and meter.tokens == 16
+    assert summary["moe"]["layer0.x"]["load"] == [0.5, 0.5]
+    assert summary["moe"]["layer0.x"]["dropped_fraction"] == pytest.approx(0.3)
