@@ -31,7 +31,9 @@ SimTensors and is checked. (Backward kernels of built-in ops run on the shadows 
 device and dtype follow from the checked forward.)
 
 Only one SimulatedCuda may be active at a time; it patches ``torch.cuda``'s availability
-queries and ``pin_memory`` while active and restores them after.
+queries and ``pin_memory`` while active and restores them after. Two settings outlast it: CUDA
+tensors keep torch's no-op device guard and CUDA counts as initialised, so a process that
+used it cannot use a real GPU afterwards (the test suite never does).
 """
 
 from __future__ import annotations
@@ -95,6 +97,17 @@ class SimTensor(torch.Tensor):
             raise RuntimeError(f"a simulated CUDA tensor reached {func} outside its SimulatedCuda block")
         return SimulatedCuda.active.__torch_dispatch__(func, types, args, kwargs)
 
+    # Storage identity, for code that finds tensors sharing memory (tied weights in checkpoints).
+    def untyped_storage(self):
+        return self.shadow.untyped_storage()
+
+    def data_ptr(self) -> int:
+        return self.shadow.data_ptr()
+
+    def __reduce_ex__(self, protocol):
+        # torch.save of a CUDA tensor, loaded with map_location="cpu": its values on the CPU
+        return self.shadow.detach().__reduce_ex__(protocol)
+
     def __repr__(self) -> str:
         return f"SimTensor(cuda, {self.dtype}, {tuple(self.shape)})"
 
@@ -135,7 +148,7 @@ class SimulatedCuda(TorchDispatchMode):
         self.syncs: list[Sync] = []
         self.errors: list[str] = []
         self.grouped_mm: list[dict] = []
-        self._fp32_depth = 0
+        self._fp32_regions: list[str] = []
         self._stack = contextlib.ExitStack()
 
     def reset(self) -> None:
@@ -188,12 +201,11 @@ class SimulatedCuda(TorchDispatchMode):
     @contextlib.contextmanager
     def fp32_region(self, what: str):
         """A block that must compute in fp32 under autocast (see the module docstring)."""
-        self._fp32_depth += 1
-        self._fp32_what = what
+        self._fp32_regions.append(what)
         try:
             yield
         finally:
-            self._fp32_depth -= 1
+            self._fp32_regions.pop()
 
     # -- the op-by-op simulation ------------------------------------------------------------
 
@@ -213,9 +225,9 @@ class SimulatedCuda(TorchDispatchMode):
         self._count_syncs(func, args, kwargs, sims, to_cuda, tensors)
         if func is _aten._grouped_mm.default:
             self._check_grouped_mm(args, kwargs)
-        if self._fp32_depth and func not in _COPIES and any(t.dtype in _REDUCED for t in tensors):
+        if self._fp32_regions and func not in _COPIES and any(t.dtype in _REDUCED for t in tensors):
             self.errors.append(f"{func} on {[t.dtype for t in tensors]} inside the fp32 region "
-                               f"'{self._fp32_what}' at {_where()}")
+                               f"'{self._fp32_regions[-1]}' at {_where()}")
 
         grad = torch.is_grad_enabled()
         for t in sims:
@@ -241,11 +253,11 @@ class SimulatedCuda(TorchDispatchMode):
             return o if cpu_result else SimTensor(o)
 
         out = tree_map(wrap, out)
-        if self._fp32_depth:
+        if self._fp32_regions:
             outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
             if any(o.dtype in _REDUCED for o in outs):
                 self.errors.append(f"{func} gave {[o.dtype for o in outs]} inside the fp32 region "
-                                   f"'{self._fp32_what}' at {_where()}")
+                                   f"'{self._fp32_regions[-1]}' at {_where()}")
         return out
 
     def _check_devices(self, func, args, tensors) -> None:

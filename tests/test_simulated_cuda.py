@@ -236,3 +236,23 @@ def test_metrics_stay_on_the_device_until_logged(monkeypatch):
     assert summary["part"] == 3.0 and meter.tokens == 16
     assert summary["moe"]["layer0.x"]["load"] == [0.5, 0.5]
     assert summary["moe"]["layer0.x"]["dropped_fraction"] == pytest.approx(0.3)
+
+
+def test_a_checkpoint_written_on_the_gpu_resumes_exactly(monkeypatch, tmp_path):
+    """Save after a step on the simulated GPU, resume into a fresh Trainer there: the next
+    step's loss and gradient norm are those of the uninterrupted run."""
+    cfg = config("lm/openmoe_debug", ["model.moe_ffn.capacity_factor=null", "train.steps=4", "train.warmup_steps=1"],
+                 "bf16")
+    with simulated(monkeypatch) as sim:
+        straight = Trainer(cfg, tmp_path / "straight", progress=False)
+        batches = iter(straight.data)
+        straight.train_step([next(batches)])
+        expected = straight.train_step([next(batches)])
+
+        first = Trainer(cfg, tmp_path / "resumed", progress=False)
+        first.train_step([next(iter(first.data))])
+        first.save()
+        resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)
+        got = resumed.train_step([next(iter(resumed.data))])
+    assert not sim.errors, "\n".join(sim.errors)
+    assert (got.loss, got.grad_norm) == (expected.loss, expected.grad_norm)
