@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py [--out gpu.json] [--quick] [--sections presets,grouped_mm,...]   (same as `mmoe bench gpu`)
 
-See multimodal_moe/bench_gpu.py for what is checked and measured.
+See multimodal_moe/bench_gpu/ for what is checked and measured.
 """
 
 import sys

@@ -330,11 +330,13 @@ def test_the_layout_follows_the_dtype_and_the_device():
     assert not _grouped_kernel(torch.bfloat16, torch.device("cuda"), (16, 12))  # rows not 16-byte aligned
 
 
-def test_experts_run_in_the_autocast_dtype():
-    moe = make(top_k=2)
+@pytest.mark.parametrize("router", ["softmax", "xmoe"])
+def test_experts_run_in_the_autocast_dtype_and_routing_in_fp32(router):
+    moe = make(top_k=2, router=router)
     x = torch.randn(2, 6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe(x)
         logits = moe.router(x.reshape(-1, 16))
-    assert out.hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    assert out.hidden.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, moe.router(x.reshape(-1, 16)), rtol=0, atol=0)  # fp32, as without autocast
     torch.testing.assert_close(out.hidden.float(), moe(x).hidden, atol=3e-2, rtol=3e-2)
