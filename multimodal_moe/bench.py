@@ -197,7 +197,7 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
         report["variants"][name] = entry
     report["dispatch_layouts"] = {
         "note": "dropless top-k in fp32: grouped (sorted rows, torch._grouped_mm; on CUDA only bf16 has a grouped "
-                "kernel, fp32 would copy the offsets to the host) vs padded (an (E, C=N) buffer and batched "
+                "kernel, fp32 would copy the offsets to the host) vs padded (2E blocks of N*K/E slots and batched "
                 "matmuls, no host sync; what TopKMoE picks for fp32 on CUDA and under torch.compile)",
         "variants": {name: {"grouped_tokens_per_s": round(rate[name]), "padded_tokens_per_s": round(rate[f"padded/{name}"]),
                             "padded_vs_grouped": round(rate[f"padded/{name}"] / rate[name], 3)}

@@ -11,8 +11,8 @@ import torch
 
 import multimodal_moe as mm
 from data_pipelines.batches import ImageBatch, ImageTextBatch, LMBatch, TextBatch
-from multimodal_moe import bench_gpu
-from multimodal_moe.bench_gpu import synthetic_step
+from multimodal_moe.bench_gpu import distributed, process_group, run, synthetic_step
+from multimodal_moe.bench_gpu.harness import QUICK
 from multimodal_moe.cli import main
 from multimodal_moe.flops import active_parameters, model_flops_per_step, peak_bf16_tflops
 from multimodal_moe.training import Trainer
@@ -112,7 +112,40 @@ def test_synthetic_steps_have_the_task_batch_types_and_train(tmp_path):
 
 
 def test_a_section_running_past_the_budget_is_killed(monkeypatch):
-    monkeypatch.setattr(bench_gpu, "CHILD_GRACE_S", 1)
+    monkeypatch.setattr(run, "CHILD_GRACE_S", 1)
     start = time.time()
-    entry = bench_gpu._run_section_process("grouped_mm", ["--device", "cpu", "--quick"], deadline=start)
+    entry = run._run_section_process("grouped_mm", ["--device", "cpu", "--quick"], deadline=start)
     assert not entry["ok"] and entry["error"].startswith("killed after 1 s")
+
+
+def test_distributed_checks_a_process_group_of_one(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # the section's mmoe pretrain launches take some 7 s each here; this test is about the process group
+    monkeypatch.setattr(distributed, "_pretrain", lambda *args: {"ok": True, "seconds": 0.0, "losses": []})
+    args = run._parser().parse_args(["--device", "cpu", "--quick"])
+    section = distributed.section(args, torch.device("cpu"), QUICK, deadline=time.time() + 120)
+    checked = section["process_group"]
+    assert section["ok"] and checked["ok"] and checked["returncode"] == 0 and "process group of one" in \
+        section["launches_note"]
+    assert checked["backend"] == checked["expected_backend"] == "gloo" and checked["world"] == 1
+    for collective in ("all_reduce", "all_gather_into_tensor", "all_to_all_single"):
+        assert checked["collectives"][collective] == {"ok": True, "max_abs_error": 0.0, **(
+            {"send_splits": [3], "recv_splits": [3]} if collective == "all_to_all_single" else {})}
+    assert checked["tolerance"] == 1e-5 and checked["plain_max_abs_grad"] > 1e-3
+    for wrapper in ("ddp", "fsdp", "expert_parallel"):
+        entry = checked[wrapper]
+        assert entry["ok"] and entry["loss"] == pytest.approx(checked["plain_loss"], abs=1e-5)
+        assert entry["loss_abs_error"] <= 1e-5 and entry["max_grad_abs_error"] <= 1e-5
+        assert entry["parameters"] == checked["ddp"]["parameters"] > 0
+    assert checked["expert_parallel"]["sharded_parameters"] == [
+        f"model.layers.1.ffn.experts.{name}" for name in ("w1_EDF", "w3_EDF", "w2_EFD")]
+
+    monkeypatch.setattr(distributed, "_process_group", lambda *args: {"ok": False, "error": "no NCCL"})
+    assert not distributed.section(args, torch.device("cpu"), QUICK, deadline=time.time() + 120)["ok"]
+
+
+def test_the_process_group_check_wants_one_process(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        process_group.main(["--device", "cpu", "--out", str(tmp_path / "never.json")])
+    assert "WORLD_SIZE is 2" in capsys.readouterr().err and not (tmp_path / "never.json").exists()

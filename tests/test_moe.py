@@ -319,7 +319,7 @@ def test_the_layout_follows_the_dtype_and_the_device():
     calls = []
     for moe in (dropless, capped):
         moe._grouped = lambda *a, f=moe._grouped: calls.append("grouped") or f(*a)
-        moe._padded = lambda *a, f=moe._padded: calls.append("padded") or f(*a)
+        moe._blocked = lambda *a, f=moe._blocked: calls.append("padded") or f(*a)
     dropless(x), capped(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dropless(x)

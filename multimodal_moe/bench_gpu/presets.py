@@ -25,6 +25,7 @@ LOSS_RTOL = 2e-2  # bf16 vs fp32 first-step loss
 
 
 def debug_presets() -> list[str]:
+    """Every preset whose name says debug: the ones this section trains by default."""
     return [name for name in list_presets() if "debug" in name]
 
 

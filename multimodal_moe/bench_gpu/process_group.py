@@ -45,7 +45,7 @@ from ..distributed.expert_parallel import shard_experts
 from ..training import build_task
 from .harness import each, error_entry
 
-__all__ = ["PRESET", "TOLERANCE", "collectives", "main"]
+__all__ = ["PRESET", "TOLERANCE", "check", "collectives", "main"]
 
 PRESET = "lm/openmoe_debug"
 OVERRIDES = ["model.moe_ffn.capacity_factor=null"]  # dropless: no token's output depends on where it was dropped
@@ -154,7 +154,8 @@ def check(device: torch.device, deadline: float) -> dict[str, Any]:
     results = each("distributed process_group", jobs, deadline,
                    lambda r: f"max grad error {r['max_grad_abs_error']:.1e}" if "max_grad_abs_error" in r else "")
     return {"ok": all(r["ok"] for r in results.values()), "preset": PRESET, "overrides": OVERRIDES,
-            "plain_loss": reference[0], "tolerance": TOLERANCE, **results}
+            "plain_loss": reference[0], "plain_max_abs_grad": max(g.abs().max().item() for g in reference[1].values()),
+            "tolerance": TOLERANCE, **results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,13 @@ gathered, and the experts run in one of two layouts, each with static shapes onl
   the dtype — bf16 on CUDA (and under ``torch.compile``), fp32/bf16/fp16 on the CPU — or on the
   CPU for other dtypes and strides, as one matmul per expert: the one place dispatch reads
   device values on the host (the offsets), free on a CPU.
-- padded (GShard's (E, C) layout): each expert's assignments in C slots of a buffer, batched
-  matmuls. Capacity-limited layers use it (C = the capacity), and dropless layers where no
-  grouped kernel exists without a host sync — fp32 on CUDA — with C = N (an expert takes a
-  token at most once), at E/K times the expert FLOPs of the grouped layout.
+- padded: each expert's assignments in blocks of slots of a static buffer, batched matmuls
+  with each block's expert weights. Capacity-limited layers use it as GShard's (E, C) layout
+  (one block of C = the capacity per expert). Dropless layers use it where no grouped kernel
+  exists without a host sync — fp32 on CUDA, fp32 under ``torch.compile`` — with blocks of
+  ceil(N*K/E) slots: an expert with c assignments takes ceil(c / block) of them, 2E blocks
+  bound them all, so it costs at most twice the grouped layout's expert FLOPs (and gathers each
+  block's weights, twice the expert weights).
 
 Padding tokens go to a sentinel expert sorted last, with gate 0: never routed nor counted,
 but never sliced away either (that would need the host to know how many there are). No one-hot
@@ -282,9 +285,12 @@ class GroupedExperts(nn.Module):
         each row's output (the gates), applied to whichever of the hidden or the output is narrower."""
         return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, offsets_E), scale_M)
 
-    def forward_batched(self, x_EMD: torch.Tensor) -> torch.Tensor:
-        """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls."""
-        return self._mlp(x_EMD, torch.bmm)
+    def forward_batched(self, x_BMD: torch.Tensor, expert_B: torch.Tensor | None = None) -> torch.Tensor:
+        """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls; or B
+        blocks of M rows, block b for expert ``expert_B[b]`` (its weights gathered per block)."""
+        if expert_B is None:
+            return self._mlp(x_BMD, torch.bmm)
+        return self._mlp(x_BMD, lambda x, w: torch.bmm(x, w.index_select(0, expert_B)))
 
     def grouped_without_sync(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` of ``x`` makes no host sync worth avoiding: a grouped kernel
@@ -422,10 +428,14 @@ class TopKMoE(nn.Module):
                 factor is None and self.experts.grouped_without_sync(x_ND)) else "padded"
         if layout == "grouped":
             y_ND = self._grouped(x_ND, rows_M, gate_M, counts_E)
-        else:
-            # dropless: an expert takes every token at most once; else at most its capacity
-            slots = N if factor is None else min(N, math.ceil(factor * K * N / E))
-            y_ND = self._padded(x_ND, rows_M, sorted_expert_M * slots + rank_M, keep_M, gate_M, E, slots)
+        elif factor is not None:  # GShard's (E, C): expert e owns block e of C slots
+            slots = min(N, math.ceil(factor * K * N / E))
+            y_ND = self._blocked(x_ND, rows_M, sorted_expert_M, rank_M, keep_M, gate_M, None, E, slots)
+        else:  # dropless: blocks of ~M/E slots, E per expert at most, 2E in all
+            block = max(1, math.ceil(len(rows_M) / E))
+            blocks_E = (counts_E + block - 1) // block
+            y_ND = self._blocked(x_ND, rows_M, sorted_expert_M, rank_M, keep_M, gate_M,
+                                 blocks_E.cumsum(0) - blocks_E, 2 * E, block)
 
         assignments = (max(N, 1) if real_N is None else real.clamp_min(1)) * K
         share_E = counts_E.float() / assignments
@@ -454,15 +464,24 @@ class TopKMoE(nn.Module):
         y_MD = self.experts(x_ND.index_select(0, rows_M), offsets_E, gate_M)
         return y_MD.new_zeros(x_ND.shape[0], y_MD.shape[1]).index_add_(0, rows_M, y_MD)
 
-    def _padded(self, x_ND, rows_M, slot_M, keep_M, gate_M, E: int, slots: int) -> torch.Tensor:
-        """GShard's layout: each expert's assignments in ``slots`` rows of an (E, C) buffer
-        (``slot_M``: expert * C + place), batched matmuls over it. Dropped and padding
-        assignments go to a trash slot. Every shape is static: no host sync."""
+    def _blocked(self, x_ND, rows_M, sorted_expert_M, rank_M, keep_M, gate_M, first_block_E, blocks: int,
+                 block: int) -> torch.Tensor:
+        """The padded layout: each expert's kept assignments in consecutive blocks of ``block``
+        slots, its first at ``first_block_E`` (None: expert e owns block e alone), ``blocks``
+        blocks in all (a static bound), through batched matmuls with each block's expert
+        weights. Dropped and padding assignments go to a trash slot; unused slots hold zeros and
+        are computed and discarded. Every shape is static: no host sync."""
         N, D = x_ND.shape
-        slot_M = torch.where(keep_M, slot_M, E * slots)  # E * C: the trash slot
-        x_SD = x_ND.new_zeros(E * slots + 1, D).index_copy_(0, slot_M, x_ND.index_select(0, rows_M))
-        y_ECD = self.experts.forward_batched(x_SD[:-1].view(E, slots, D))
-        y_MD = y_ECD.reshape(E * slots, D).index_select(0, torch.where(keep_M, slot_M, 0))
+        E = self.cfg.num_experts
+        first_block_E = torch.arange(E, device=x_ND.device) if first_block_E is None else first_block_E
+        expert_B = None  # block b is expert b's
+        if blocks != E:  # block b belongs to the last expert whose first block is at or before b
+            expert_B = torch.searchsorted(first_block_E, torch.arange(blocks, device=x_ND.device), right=True) - 1
+        trash = blocks * block
+        slot_M = torch.where(keep_M, first_block_E[sorted_expert_M.clamp(max=E - 1)] * block + rank_M, trash)
+        x_SD = x_ND.new_zeros(trash + 1, D).index_copy_(0, slot_M, x_ND.index_select(0, rows_M))
+        y_BCD = self.experts.forward_batched(x_SD[:-1].view(blocks, block, D), expert_B)
+        y_MD = y_BCD.reshape(trash, D).index_select(0, torch.where(keep_M, slot_M, 0))
         y_MD = y_MD * gate_M.to(y_MD.dtype)[:, None]
         return y_MD.new_zeros(N, D).index_add_(0, rows_M, y_MD)
 
