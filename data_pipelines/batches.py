@@ -15,7 +15,13 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Batch", "ImageBatch", "ImageTextBatch", "LMBatch", "RetrievalBatch", "TextBatch", "VQABatch"]
+__all__ = ["Batch", "ImageBatch", "ImageTextBatch", "LMBatch", "RetrievalBatch", "TextBatch", "VQABatch", "pinned"]
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked memory, for an asynchronous copy to a GPU; tensors already on a
+    device (or already pinned) as they are."""
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -33,7 +39,7 @@ class Batch:
         return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this
-        return self.map_tensors(torch.Tensor.pin_memory)
+        return self.map_tensors(pinned)
 
     def __len__(self) -> int:
         return len(self.keys)

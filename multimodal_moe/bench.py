@@ -199,7 +199,8 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
         "note": "dropless top-k in fp32: grouped (sorted rows, torch._grouped_mm; on CUDA only bf16 has a grouped "
                 "kernel, fp32 would copy the offsets to the host) vs padded (2E blocks of N*K/E slots and batched "
                 "matmuls, no host sync; what TopKMoE picks for fp32 on CUDA and under torch.compile)",
-        "variants": {name: {"grouped_tokens_per_s": round(rate[name]), "padded_tokens_per_s": round(rate[f"padded/{name}"]),
+        "variants": {name: {"grouped_tokens_per_s": round(rate[name]),
+                            "padded_tokens_per_s": round(rate[f"padded/{name}"]),
                             "padded_vs_grouped": round(rate[f"padded/{name}"] / rate[name], 3)}
                      for name in LAYOUT_VARIANTS}}
     report["huggingface_mixtral_eager"] = {"transformers": hf_status, "variants": {

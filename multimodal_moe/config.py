@@ -40,8 +40,9 @@ class TrainConfig(Configurable):
         precision: auto (bf16 autocast on a GPU that supports it, fp32 otherwise) | fp32 | bf16.
         ema_decay: keep an exponential moving average of the weights (timm ModelEmaV3); 0 disables it.
         compile: compile the backbone with ``torch.compile`` (heads and losses stay eager).
-        tf32: on CUDA, fp32 matmuls and convolutions may use TF32 tensor cores (Ampere and
-            newer; autocast's bf16 matmuls are unaffected); false keeps them in full fp32.
+        tf32: in fp32 runs on CUDA, matmuls and convolutions may use TF32 tensor cores (Ampere
+            and newer), routing included; false keeps them in full fp32. bf16 runs leave TF32
+            off, so what they compute in fp32 (routing, visual targets, losses) stays exact.
         device: auto (CUDA if available, else CPU) | cpu | cuda | cuda:N ...
         num_workers: data loader worker processes per stream.
         log_every: steps between lines of ``metrics.jsonl`` (values are averaged over them).

@@ -143,13 +143,31 @@ class SimulatedCuda(TorchDispatchMode):
 
     active: SimulatedCuda | None = None
 
-    def __init__(self):
+    def __init__(self, capability: tuple[int, int] = (9, 0)):
+        """``capability``: the simulated GPU's compute capability (9.0: an H100)."""
         super().__init__()
+        self.capability = capability
+        self._cuda_rng = torch.Generator().manual_seed(0).get_state()
         self.syncs: list[Sync] = []
         self.errors: list[str] = []
         self.grouped_mm: list[dict] = []
         self._fp32_regions: list[str] = []
         self._stack = contextlib.ExitStack()
+
+    # The GPU's generator: random ops on CUDA tensors draw from it, not from the CPU's.
+    def _manual_seed(self, seed: int) -> None:
+        self._cuda_rng = torch.Generator().manual_seed(int(seed)).get_state()
+
+    def _get_rng_state(self, device="cuda") -> torch.Tensor:
+        return self._cuda_rng.clone()
+
+    def _set_rng_state(self, state: torch.Tensor, device="cuda") -> None:
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            raise TypeError(f"set_rng_state takes a ByteTensor, got {type(state).__name__}")
+        self._cuda_rng = state.clone()
+
+    def _synchronize(self, *args) -> None:
+        self.syncs.append(Sync("torch.cuda.synchronize", _where()))
 
     def reset(self) -> None:
         self.syncs, self.errors, self.grouped_mm = [], [], []
@@ -168,10 +186,12 @@ class SimulatedCuda(TorchDispatchMode):
         cuda = torch.cuda
         for name, value in {"is_available": lambda: True, "is_bf16_supported": lambda *a, **k: True,
                             "device_count": lambda: 1, "current_device": lambda: 0, "set_device": lambda d: None,
-                            "synchronize": lambda *a: None, "get_rng_state": lambda *a: torch.get_rng_state(),
-                            "set_rng_state": lambda *a: None, "get_rng_state_all": lambda: [torch.get_rng_state()],
-                            "set_rng_state_all": lambda s: None, "manual_seed": lambda s: None, "_lazy_init": lambda: None,
-                            "manual_seed_all": lambda s: None}.items():
+                            "synchronize": self._synchronize, "get_device_capability": lambda *a: self.capability,
+                            "get_rng_state": self._get_rng_state, "set_rng_state": self._set_rng_state,
+                            "get_rng_state_all": lambda: [self._get_rng_state()],
+                            "set_rng_state_all": lambda states: self._set_rng_state(*states),
+                            "manual_seed": self._manual_seed, "manual_seed_all": self._manual_seed,
+                            "_lazy_init": lambda: None}.items():
             patch(cuda, name, value)
         patch(torch.accelerator, "is_available", lambda: True)
         # torch.tensor(data, device="cuda") makes a CPU tensor and moves it through the dispatcher
@@ -182,6 +202,7 @@ class SimulatedCuda(TorchDispatchMode):
         previous = torch.__future__.get_overwrite_module_params_on_conversion()
         torch.__future__.set_overwrite_module_params_on_conversion(True)
         self._stack.callback(torch.__future__.set_overwrite_module_params_on_conversion, previous)
+        patch(torch.nn.Module, "_apply", _keeping_ties(torch.nn.Module._apply))
         patch(torch.Tensor, "pin_memory", _fake_pin_memory)
         patch(torch.Tensor, "is_pinned", _is_pinned)
         patch(torch.Tensor, "tolist", _host_read(torch.Tensor.tolist, self))
@@ -208,6 +229,20 @@ class SimulatedCuda(TorchDispatchMode):
             self._fp32_regions.pop()
 
     # -- the op-by-op simulation ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _cuda_generator(self, func):
+        """A random op on the GPU draws from the GPU's generator (swapped into the CPU's)."""
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            yield
+            return
+        cpu = torch.get_rng_state()
+        torch.set_rng_state(self._cuda_rng)
+        try:
+            yield
+        finally:
+            self._cuda_rng = torch.get_rng_state()
+            torch.set_rng_state(cpu)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -237,7 +272,7 @@ class SimulatedCuda(TorchDispatchMode):
         if to_cuda:
             shadow_kwargs["device"] = torch.device("cpu")
             shadow_kwargs.pop("pin_memory", None)
-        with torch._C._ForceDispatchKeyGuard(*self._tls):
+        with torch._C._ForceDispatchKeyGuard(*self._tls), self._cuda_generator(func):
             out = func(*shadow_args, **shadow_kwargs)
 
         by_shadow = {id(t.shadow): t for t in sims}
@@ -272,7 +307,8 @@ class SimulatedCuda(TorchDispatchMode):
         cpu = [t for t in tensors if not isinstance(t, SimTensor) and t.dim() > 0]
         if cpu:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
-                               f"cuda:0 and cpu! ({func} on a CPU tensor of shape {tuple(cpu[0].shape)}, at {_where()})")
+                               f"cuda:0 and cpu! ({func} on a CPU tensor of shape {tuple(cpu[0].shape)}, "
+                               f"at {_where()})")
 
     def _count_syncs(self, func, args, kwargs, sims, to_cuda, tensors) -> None:
         name = None
@@ -353,7 +389,23 @@ def _host_read(original, sim: SimulatedCuda):
     return read
 
 
+def _keeping_ties(original):
+    """``Module._apply`` that keeps a Parameter shared by several modules (tied weights) one
+    Parameter, as CUDA's in-place conversion does; new Parameters would untie them."""
+
+    def _apply(self, fn, recurse=True):
+        slots = [(m, name, id(p)) for m in self.modules() for name, p in m._parameters.items() if p is not None]
+        out = original(self, fn, recurse)
+        first = {}
+        for module, name, key in slots:
+            module._parameters[name] = first.setdefault(key, module._parameters[name])
+        return out
+    return _apply
+
+
 def _fake_pin_memory(self: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if isinstance(self, SimTensor):
+        raise RuntimeError("cannot pin 'torch.cuda.FloatTensor' only dense CPU tensors can be pinned")
     self._simulated_pinned = True
     return self
 

@@ -311,7 +311,7 @@ def test_mh_moe_config_validation():
     assert info.value.key == "heads" and "16" in info.value.message
 
 
-def test_the_layout_follows_the_dtype_and_the_device():
+def test_the_layout_follows_the_dtype_and_the_device(monkeypatch):
     """Dropless layers take the grouped layout where a grouped kernel exists without a host
     sync, capacity-limited ones the (E, C) layout (the simulated-CUDA tier checks CUDA)."""
     x = torch.randn(2, 6, 16)
@@ -325,9 +325,12 @@ def test_the_layout_follows_the_dtype_and_the_device():
         dropless(x)
     assert calls == ["grouped", "padded", "grouped"]
     assert dropless.experts.grouped_without_sync(x.bfloat16())
-    assert not _grouped_kernel(torch.float32, torch.device("cuda"), (16, 32))
-    assert _grouped_kernel(torch.bfloat16, torch.device("cuda"), (16, 32))
-    assert not _grouped_kernel(torch.bfloat16, torch.device("cuda"), (16, 12))  # rows not 16-byte aligned
+    cuda = torch.device("cuda")
+    for major, fast in ((9, True), (10, True), (8, False)):  # bf16 grouped kernels: Hopper and Blackwell
+        monkeypatch.setattr("multimodal_moe.layers.moe._cuda_major", lambda index, major=major: major)
+        assert _grouped_kernel(torch.bfloat16, cuda, (16, 32)) == fast
+        assert not _grouped_kernel(torch.float32, cuda, (16, 32))
+        assert not _grouped_kernel(torch.bfloat16, cuda, (16, 12))  # rows not 16-byte aligned
 
 
 @pytest.mark.parametrize("router", ["softmax", "xmoe"])

@@ -90,7 +90,8 @@ def _time_preset(preset: str, device: torch.device, sizes: Sizes, plan: Plan, pe
     cfg = _throughput_config(preset, str(device), sizes, backend)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         trainer = Trainer(cfg, tmp, progress=False)
-        batch, sequences = synthetic_step(trainer.cfg, device)
+        # built on the CPU, as the loaders yield them: the trainer pins and copies each step
+        batch, sequences = synthetic_step(trainer.cfg, torch.device("cpu"))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         losses = []

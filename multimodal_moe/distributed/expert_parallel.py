@@ -80,14 +80,17 @@ class ExpertParallelExperts(GroupedExperts):
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, scale_M: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        """As :meth:`GroupedExperts.forward`; only the rows up to the last offset (no dropped or
+        padding assignment) cross the all-to-all."""
         R, El = self.ranks, self.local_experts
         counts_RE = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long)).reshape(R, El)
         recv_counts_RE = torch.empty_like(counts_RE)  # [source rank, my expert]
         dist.all_to_all_single(recv_counts_RE, counts_RE, group=self.group)
         # the one host sync of a layer: an all-to-all with uneven splits takes its sizes on the host
         send, recv = counts_RE.sum(1).tolist(), recv_counts_RE.sum(1).tolist()
-        x_recv = all_to_all(x_MD, send, recv, self.group)
-        scale_recv = None if scale_M is None else all_to_all(scale_M, send, recv, self.group)
+        routed = sum(send)
+        x_recv = all_to_all(x_MD[:routed], send, recv, self.group)
+        scale_recv = None if scale_M is None else all_to_all(scale_M[:routed], send, recv, self.group)
 
         # arrivals are grouped by (source rank, expert); the grouped matmul wants (expert, source rank)
         segment = torch.repeat_interleave(torch.arange(R * El, device=x_MD.device), recv_counts_RE.flatten(),
@@ -96,7 +99,8 @@ class ExpertParallelExperts(GroupedExperts):
         y_sorted = super().forward(x_recv[order], recv_counts_RE.sum(0).cumsum(0).to(torch.int32),
                                    None if scale_recv is None else scale_recv[order])
         y_recv = y_sorted[order.argsort()]
-        return all_to_all(y_recv, recv, send, self.group)
+        y_MD = all_to_all(y_recv, recv, send, self.group)
+        return torch.cat([y_MD, y_MD.new_zeros(x_MD.shape[0] - routed, y_MD.shape[1])])
 
     def extra_repr(self) -> str:
         return f"experts {self.rank * self.local_experts}-{(self.rank + 1) * self.local_experts - 1} " \

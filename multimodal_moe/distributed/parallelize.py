@@ -85,9 +85,9 @@ class Parallel:
         experts = {id(p) for p in self.expert_params()}
         replicated = grads_of(p for p in self.task.parameters() if id(p) not in experts)
         sharded = grads_of(self.expert_params())
-        zero = torch.zeros((), device=self.env.device)
-        sq = torch.nn.utils.get_total_norm(replicated).pow(2) if replicated else zero
-        sq_experts = torch.nn.utils.get_total_norm(sharded).pow(2) if sharded else zero
+        device = self.env.device
+        sq = torch.nn.utils.get_total_norm(replicated).pow(2) if replicated else torch.zeros((), device=device)
+        sq_experts = torch.nn.utils.get_total_norm(sharded).pow(2) if sharded else torch.zeros((), device=device)
         dist.all_reduce(sq_experts, group=self.expert_group)  # one replica's shards make the whole
         norm = (sq + sq_experts).sqrt()
         if math.isfinite(max_norm):

@@ -221,14 +221,21 @@ def _spans(counts: list[int]) -> list[slice]:
 
 def _grouped_kernel(dtype: torch.dtype, device: torch.device, widths) -> bool:
     """Whether ``torch._grouped_mm`` has a kernel without a host sync for ``dtype`` on ``device``
-    and these row widths: on CUDA only bf16 has a grouped kernel (other dtypes take a fallback
-    that copies the offsets to the host), and so does the traced op under ``torch.compile``;
-    the CPU kernel also takes fp32 and fp16. Rows must be 16-byte aligned."""
-    if not hasattr(torch, "_grouped_mm"):
+    and these row widths (each 16-byte aligned). On CUDA that is bf16 on compute capability 9.x
+    (Hopper) and 10.x (Blackwell): other dtypes and GPUs take a fallback that copies the offsets
+    to the host. Traced by ``torch.compile`` the op takes only bf16. The eager CPU kernel takes
+    fp32, bf16 and fp16."""
+    if not hasattr(torch, "_grouped_mm") or not all(w % (16 // dtype.itemsize) == 0 for w in widths):
         return False
-    eager_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
-    fast = (torch.float32, torch.bfloat16, torch.float16) if eager_cpu else (torch.bfloat16,)
-    return dtype in fast and all(w % (16 // dtype.itemsize) == 0 for w in widths)
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda" and _cuda_major(device.index) not in (9, 10):
+        return False
+    return dtype == torch.bfloat16
+
+
+def _cuda_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _grouped_mm_supported(x_MK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
@@ -241,6 +248,8 @@ def grouped_matmul(x_MK: torch.Tensor, w_EKN: torch.Tensor, offsets_E: torch.Ten
     the last one M) -> (M, N): each row times its expert's matrix. ``torch._grouped_mm`` where
     :func:`_grouped_mm_supported` (no host sync); otherwise one matmul per expert, which reads
     the offsets on the host."""
+    if offsets_E.dtype != torch.int32:
+        raise TypeError(f"grouped_matmul takes int32 offsets (where each expert's rows end), got {offsets_E.dtype}")
     if _grouped_mm_supported(x_MK, w_EKN):
         return _ContiguousGrad.apply(torch._grouped_mm(x_MK.contiguous(), w_EKN, offs=offsets_E))
     offsets = offsets_E.tolist()  # a host sync off the CPU; TopKMoE avoids this path there
@@ -259,7 +268,8 @@ class GroupedExperts(nn.Module):
     SwiGLU), no biases, run in :func:`compute_dtype` (input and weights cast to one dtype).
 
     - ``forward(x_MD, offsets_E, scale_M)``: rows sorted by expert (grouped matmul);
-    - ``forward_batched(x_EMD)``: M rows for every expert (batched matmul).
+    - ``forward_batched(x_BMD, expert_B)``: M rows for every expert, or for the expert of each
+      of B blocks (batched matmul).
 
     ``holds_all_experts`` is False for a subclass holding only some of them (expert
     parallelism), which takes only the sorted rows.
@@ -281,13 +291,18 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, scale_M: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Rows sorted by expert, expert e's ending at ``offsets_E[e]``; ``scale_M`` multiplies
-        each row's output (the gates), applied to whichever of the hidden or the output is narrower."""
+        """Rows sorted by expert, expert e's ending at ``offsets_E[e]`` (int32); rows after the
+        last offset belong to no expert and must have ``scale_M`` 0: they output zeros (here they
+        are computed with the last expert, so that no slice has a data-dependent size).
+        ``scale_M`` multiplies each row's output (the gates), applied to whichever of the hidden
+        or the output is narrower."""
+        offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), x_MD.shape[0])])
         return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, offsets_E), scale_M)
 
     def forward_batched(self, x_BMD: torch.Tensor, expert_B: torch.Tensor | None = None) -> torch.Tensor:
         """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls; or B
-        blocks of M rows, block b for expert ``expert_B[b]`` (its weights gathered per block)."""
+        blocks of M rows, block b for expert ``expert_B[b]`` (its weights gathered per block;
+        the matmuls keep the gathered copies for the backward pass)."""
         if expert_B is None:
             return self._mlp(x_BMD, torch.bmm)
         return self._mlp(x_BMD, lambda x, w: torch.bmm(x, w.index_select(0, expert_B)))
@@ -346,7 +361,8 @@ class Router(nn.Module):
 
 
 def _masked_mean(x_N: torch.Tensor, real_N: torch.Tensor | None, count: torch.Tensor | int) -> torch.Tensor:
-    """Mean over the real rows (padding rows may hold anything, NaN included)."""
+    """Mean over the real rows (in the forward pass padding rows may hold anything, NaN
+    included; their gradient is zero only where they are finite)."""
     if real_N is None:
         return x_N.mean(dim=0)
     return torch.where(real_N.view(-1, *[1] * (x_N.dim() - 1)), x_N, 0).sum(dim=0) / count.clamp_min(1)
@@ -426,8 +442,14 @@ class TopKMoE(nn.Module):
         if layout == "auto":
             layout = "grouped" if not self.experts.holds_all_experts or (
                 factor is None and self.experts.grouped_without_sync(x_ND)) else "padded"
+        if layout == "padded" and not self.experts.holds_all_experts:
+            raise ValueError("the padded layout needs every expert on this rank; expert parallelism takes the grouped "
+                             "layout")
         if layout == "grouped":
-            y_ND = self._grouped(x_ND, rows_M, gate_M, counts_E)
+            if factor is not None:  # dropped assignments after all kept ones, as padding is
+                order = torch.where(keep_M, sorted_expert_M, E).argsort(stable=True)
+                rows_M, gate_M = rows_M[order], gate_M[order]
+            y_ND = self._grouped(x_ND, rows_M, gate_M, kept_E)
         elif factor is not None:  # GShard's (E, C): expert e owns block e of C slots
             slots = min(N, math.ceil(factor * K * N / E))
             y_ND = self._blocked(x_ND, rows_M, sorted_expert_M, rank_M, keep_M, gate_M, None, E, slots)
@@ -455,12 +477,12 @@ class TopKMoE(nn.Module):
             }
         return y_ND, aux_loss, stats
 
-    def _grouped(self, x_ND, rows_M, gate_M, counts_E) -> torch.Tensor:
-        """The assignments sorted by expert through one grouped matmul per expert weight.
-        Dropped and padding assignments (gate 0) stay in the rows — padding, sorted last, with
-        the last expert — so nothing is sliced to a data-dependent size (no host sync); they are
-        computed and discarded."""
-        offsets_E = torch.cat([counts_E[:-1].cumsum(0), counts_E.new_full((1,), len(rows_M))]).to(torch.int32)
+    def _grouped(self, x_ND, rows_M, gate_M, kept_E) -> torch.Tensor:
+        """The assignments sorted by expert, kept ones first, through one grouped matmul per
+        expert weight. Dropped and padding assignments (gate 0) come after the last offset: they
+        stay in the rows, so nothing is sliced to a data-dependent size (no host sync), and
+        output zeros."""
+        offsets_E = kept_E.cumsum(0).to(torch.int32)
         y_MD = self.experts(x_ND.index_select(0, rows_M), offsets_E, gate_M)
         return y_MD.new_zeros(x_ND.shape[0], y_MD.shape[1]).index_add_(0, rows_M, y_MD)
 
@@ -473,16 +495,17 @@ class TopKMoE(nn.Module):
         are computed and discarded. Every shape is static: no host sync."""
         N, D = x_ND.shape
         E = self.cfg.num_experts
-        first_block_E = torch.arange(E, device=x_ND.device) if first_block_E is None else first_block_E
         expert_B = None  # block b is expert b's
-        if blocks != E:  # block b belongs to the last expert whose first block is at or before b
+        if first_block_E is None:
+            first_block_E = torch.arange(E, device=x_ND.device)
+        else:  # block b belongs to the last expert whose first block is at or before b
             expert_B = torch.searchsorted(first_block_E, torch.arange(blocks, device=x_ND.device), right=True) - 1
         trash = blocks * block
         slot_M = torch.where(keep_M, first_block_E[sorted_expert_M.clamp(max=E - 1)] * block + rank_M, trash)
         x_SD = x_ND.new_zeros(trash + 1, D).index_copy_(0, slot_M, x_ND.index_select(0, rows_M))
         y_BCD = self.experts.forward_batched(x_SD[:-1].view(blocks, block, D), expert_B)
         y_MD = y_BCD.reshape(trash, D).index_select(0, torch.where(keep_M, slot_M, 0))
-        y_MD = y_MD * gate_M.to(y_MD.dtype)[:, None]
+        y_MD = torch.where(keep_M[:, None], y_MD * gate_M.to(y_MD.dtype)[:, None], 0)
         return y_MD.new_zeros(N, D).index_add_(0, rows_M, y_MD)
 
 

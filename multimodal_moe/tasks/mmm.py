@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from data_pipelines.batches import pinned
 from data_pipelines.images import pretrain_transform
 from data_pipelines.masking import BlockMaskGenerator
 from data_pipelines.mixer import PretrainMixer, PretrainStep
@@ -185,18 +186,18 @@ class WeightedStep:
     text_tokens: dict[str, int]
 
     def to(self, device, non_blocking: bool = False) -> WeightedStep:
-        move = lambda d: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}  # noqa: E731
-        return WeightedStep(self.step.to(device, non_blocking=non_blocking), self.weights, move(self.masked),
-                            move(self.labels), self.text_tokens)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking), self.step.to(device, non_blocking))
 
     def pin_memory(self) -> WeightedStep:
-        pin = lambda d: {k: v.pin_memory() for k, v in d.items()}  # noqa: E731
-        return WeightedStep(self.step.pin_memory(), self.weights, pin(self.masked), pin(self.labels),
-                            self.text_tokens)
+        return self._map(pinned, self.step.pin_memory())
+
+    def _map(self, fn, step: PretrainStep) -> WeightedStep:
+        return WeightedStep(step, self.weights, {k: fn(v) for k, v in self.masked.items()},
+                            {k: fn(v) for k, v in self.labels.items()}, self.text_tokens)
 
 
-def _read_masks(step: PretrainStep) -> WeightedStep:
-    """A step's masked positions, labels and text tokens (weights not yet set)."""
+def _read_masks(step: PretrainStep) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
+    """A step's masked positions per part, labels per text part and real text tokens per stream."""
     image, text, pairs = step.image, step.text, step.image_text
     masked, labels, text_tokens = {}, {}, {}
     for part, batch in (("image_mim", image), ("image_text_mim", pairs)):
@@ -210,7 +211,7 @@ def _read_masks(step: PretrainStep) -> WeightedStep:
     for name, batch in (("text", text), ("image_text", pairs)):
         if batch is not None:
             text_tokens[name] = int((~batch.padding_mask_BL).sum())
-    return WeightedStep(step, {}, masked, labels, text_tokens)
+    return masked, labels, text_tokens
 
 
 class MaskedDataModeling(Task):
@@ -303,17 +304,17 @@ class MaskedDataModeling(Task):
         (summed over micro-batches, all-reduced over ranks), times the number of micro-batches
         and ranks that the trainer and DDP average over. In one process with one micro-batch
         every weight is exactly 1."""
-        steps = [_read_masks(step) for step in micro_batches]
-        counts = [[len(s.masked[name]) if name in s.masked else 0 for name in PARTS] for s in steps]
+        read = [_read_masks(step) for step in micro_batches]
+        counts = [[len(masked[name]) if name in masked else 0 for name in PARTS] for masked, _, _ in read]
         totals = torch.tensor([sum(c[i] for c in counts) for i in range(len(PARTS))], dtype=torch.float64)
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)  # a CPU tensor: the process group always has gloo for it
             world = dist.get_world_size()
         scale, totals = world * len(micro_batches), totals.tolist()
-        for s, c in zip(steps, counts):
-            s.weights = {name: c[i] * scale / totals[i] if totals[i] else 0.0 for i, name in enumerate(PARTS)}
-        return steps
+        weights = [{name: c[i] * scale / totals[i] if totals[i] else 0.0 for i, name in enumerate(PARTS)}
+                   for c in counts]
+        return [WeightedStep(step, w, *facts) for step, w, facts in zip(micro_batches, weights, read)]
 
     def uses_every_parameter(self) -> bool:
         # a stream with a lower ratio skips steps, and with it a head or a modality's branch

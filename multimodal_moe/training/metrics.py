@@ -66,16 +66,16 @@ class StepMeter:
                     self._add_moe(f"layer{layer}.{branch}", stats)
 
     def _add_moe(self, key: str, stats: dict[str, torch.Tensor]) -> None:
-        weight = stats["routed_tokens"].detach().float() if "routed_tokens" in stats else 1.0
+        weight = _detached(stats["routed_tokens"]) if "routed_tokens" in stats else 1.0
         self.moe_weight[key] = self.moe_weight[key] + weight
         for name, value in stats.items():
             if name == "tokens_per_expert":
-                counts, old = value.detach().float(), self.moe_load.get(key)
-                if isinstance(old, list):  # settled by a checkpoint within this interval
+                counts, old = _detached(value), self.moe_load.get(key)
+                if isinstance(old, list):  # settled by a checkpoint within this interval: one copy back
                     old = counts.new_tensor(old)
                 self.moe_load[key] = counts if old is None else old + counts
             elif name != "routed_tokens" and value.numel() == 1:
-                self.moe_sums[key][name] = self.moe_sums[key][name] + value.detach().float().reshape(()) * weight
+                self.moe_sums[key][name] = self.moe_sums[key][name] + _detached(value).reshape(()) * weight
 
     def _settle(self) -> None:
         """Every tensor summed so far replaced by its value (numbers; lists for expert loads),
@@ -87,7 +87,7 @@ class StepMeter:
         if not slots:
             return
         tensors = [_get(owner, k) for owner, k in slots]
-        values = torch.cat([t.reshape(-1).double() for t in tensors]).tolist()
+        values = torch.cat([t.reshape(-1) for t in tensors]).tolist()
         at = 0
         for (owner, k), t in zip(slots, tensors):
             n = t.numel()
@@ -131,7 +131,9 @@ class StepMeter:
 
 
 def _detached(value):
-    return value.detach() if isinstance(value, torch.Tensor) else value
+    """A value to sum: a device tensor detached in float64 (sums in fp32 would lose the last
+    digits, and token counts past 2^24 per interval), a number as it is."""
+    return value.detach().double() if isinstance(value, torch.Tensor) else value
 
 
 def _get(owner, key):

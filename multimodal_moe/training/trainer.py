@@ -122,7 +122,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+        saved = state["cuda"]  # checkpoints before per-device states held every visible GPU's
+        torch.cuda.set_rng_state(saved[device.index or 0] if isinstance(saved, list) else saved, device)
 
 
 def build_task(cfg: Config) -> Task:
@@ -219,8 +220,8 @@ class Trainer:
         if env.device.type == "cpu":
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(tc.precision, env.device)
-        if env.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32
+        if env.device.type == "cuda" and self.amp_dtype is None:  # under autocast TF32 would only reach
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32  # the fp32 parts
         self.task = task = build_task(cfg)
         # what the task settled at build time (a VQA answer list) goes into the checkpoints
         self.cfg = cfg = dataclasses.replace(cfg, task=task.resolved_config())
