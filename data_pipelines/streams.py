@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -287,6 +288,14 @@ def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iter
     yield from buf
 
 
+def leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM: a scheduler's preemption (Slurm's ``scancel``, ``kill
+    -TERM -PGID``) signals the whole process group, and a worker that died of it would take the
+    step down with it before the main process could checkpoint. The main process stops the
+    workers when it is done; a worker whose parent died exits by itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StreamLoader:
     """A ``DataLoader`` over a :class:`ShardStream` that can save and restore its position.
 
@@ -301,7 +310,8 @@ class StreamLoader:
         stream.num_workers = max(num_workers, 1)
         self._loader_kwargs = {"batch_size": None, "num_workers": num_workers, "pin_memory": pin_memory}
         if num_workers:
-            self._loader_kwargs.update(persistent_workers=False, prefetch_factor=prefetch_factor or 2)
+            self._loader_kwargs.update(persistent_workers=False, prefetch_factor=prefetch_factor or 2,
+                                       worker_init_fn=leave_sigterm_to_the_main_process)
         self._positions: dict[int, _Position] = {}
         self._delivered = 0
         self.skipped: dict[str, int] = {}

@@ -84,7 +84,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None) -> int:
     """Run ``cfg``'s training into ``args.run_dir`` (default ``runs/<preset>-<time>``); the exit code."""
-    from .training import CheckpointError, TrainingDiverged, TrainingStopped, train
+    from .training import CheckpointError, RunDirLocked, TrainingDiverged, TrainingStopped, train
 
     distributed, main_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0)) == 0
     if args.run_dir is None:
@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None)
               file=sys.stderr)
     try:
         result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress, init=init)
-    except (CheckpointError, TrainingDiverged) as e:
+    except (CheckpointError, TrainingDiverged, RunDirLocked) as e:
         print(f"mmoe: error: {e}", file=sys.stderr)
         return 1
     except TrainingStopped as e:
@@ -108,7 +108,10 @@ def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None)
         print(f"\nmmoe: interrupted; continue with the same command and --run-dir {args.run_dir} --resume",
               file=sys.stderr)
         return 130
-    if main_rank:
+    if main_rank and not result.records:
+        print(f"mmoe: {args.run_dir} has already finished its {result.step} steps; nothing to do (raise "
+              f"train.steps with --set to train on)", file=sys.stderr)
+    elif main_rank:
         first, last = result.records[0], result.records[-1]
         print(f"done: {result.step} steps, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
               f"(step {last['step']}); checkpoint {Path(args.run_dir) / 'checkpoints' / 'latest'}; "

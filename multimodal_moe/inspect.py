@@ -74,7 +74,8 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     import numpy as np
 
     steps = [r["step"] for r in records]
-    losses = [k for k in _scalars(records[-1]) if k == "loss" or k.endswith("_loss")]
+    # every loss any line has (an interval of skipped steps logs null)
+    losses = list(dict.fromkeys(k for r in records for k in _scalars(r) if k == "loss" or k.endswith("_loss")))
     written = [out_dir / "loss.png"]
     with figure(written[0], figsize=(7, 4)) as (_, ax):
         for key in losses:

@@ -256,6 +256,7 @@ def test_a_checkpoint_written_on_the_gpu_resumes_exactly(monkeypatch, tmp_path):
         first = Trainer(cfg, tmp_path / "resumed", progress=False)
         first.train_step([next(iter(first.data))])
         first.save()
+        first.close()
         resumed = Trainer(cfg, tmp_path / "resumed", resume=True, progress=False)
         got = resumed.train_step([next(iter(resumed.data))])
     assert not sim.errors, "\n".join(sim.errors)

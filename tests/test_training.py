@@ -194,6 +194,63 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
         mm.load_checkpoint(tmp_path)
 
 
+def test_sigterm_to_the_whole_process_group_checkpoints_like_sigterm_to_the_main_process(tmp_path):
+    """Slurm's scancel and `kill -TERM -PGID` signal the loader workers too; they leave it to
+    the main process, which checkpoints the step and exits 143 (before: the workers died and
+    the step with them, exit 1, no checkpoint)."""
+    overrides = ["train.steps=400", "train.checkpoint_every=1000", "train.num_workers=2"]
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "multimodal_moe.cli", "pretrain", "--config", "lm/xmoe_debug", "--run-dir",
+            str(run_dir), "--no-progress", *[f"--set={o}" for o in (*LM_FAST, *overrides)]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_step(run_dir, 4, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err.decode()
+    saved = Checkpoint.open(run_dir / "checkpoints").training_state()["step"]
+    assert 4 <= saved < 400 and f"stopped by SIGTERM after step {saved}" in err.decode()
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    """One process trains into a run dir at a time (a fresh run or a --resume); the lock dies
+    with its holder, SIGKILL included."""
+    from multimodal_moe.training import RunDirLocked, Trainer
+    from multimodal_moe.training.run_lock import RunLock
+
+    cfg = config("lm/debug", "train.steps=4")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from multimodal_moe.training.run_lock "
+                               "import RunLock; lock = RunLock(sys.argv[1]); print('locked', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        for resume in (False, True):
+            with pytest.raises(RunDirLocked, match=f"in use by pid {holder.pid} on "):
+                Trainer(cfg, tmp_path, resume=resume, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with Trainer(cfg, tmp_path, progress=False) as trainer:  # SIGKILL left no stale lock
+        with pytest.raises(RunDirLocked):
+            RunLock(tmp_path)
+        trainer.fit()
+    RunLock(tmp_path).release()  # released when the run closed
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    from multimodal_moe.cli import main
+
+    sets = [f"--set={o}" for o in (*LM_FAST, "train.steps=4")]
+    assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", *sets]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", "--resume",
+                 *sets]) == 0
+    assert "has already finished its 4 steps; nothing to do" in capsys.readouterr().err
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     forward = MaskedDataModeling.forward
     calls = {"n": 0}
@@ -212,8 +269,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         train(cfg, tmp_path, progress=False)
     records = read_records(tmp_path)
     assert records[-1]["bad_steps"] >= 2
-    assert Checkpoint.open(tmp_path / "checkpoints").training_state()["step"] == 8
+    by_step = {r["step"]: r for r in records}
+    assert by_step[4]["loss"] is None and by_step[4]["grad_norm"] is None  # steps 3-4 both skipped: no mean
+    assert by_step[6]["loss"] > 0
+    # no checkpoint inside a bad streak (step 8 is in the one from step 7): the newest is from before it
+    assert Checkpoint.open(tmp_path / "checkpoints").training_state()["step"] == 6
     assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "checkpoints/latest/model.safetensors").values())
+
+    monkeypatch.setattr(MaskedDataModeling, "forward", forward)  # the cause fixed (a lower lr, say)
+    assert train(cfg, tmp_path, resume=True, progress=False).step == 20  # the streak did not come back with it
 
 
 def test_layer_decay_scales_the_learning_rate_per_block():

@@ -9,7 +9,8 @@ A line looks like::
      "moe": {"layer2.vision": {"load": [0.27, 0.24, 0.26, 0.23], "max_load": 1.08,
                                "dropped_fraction": 0.02, "activation_ratio": 1.0, ...}}}
 
-``load`` is each expert's share of the routed assignments over the interval and ``max_load``
+An interval whose every step was skipped (a non-finite loss or gradient) logs ``null`` for the
+loss, gradient norm and lr. ``load`` is each expert's share of the routed assignments over the interval and ``max_load``
 the busiest expert's share times E (1 = perfectly balanced). Other MoE statistics (dropped
 fraction, activation ratio, router entropy, MoT mixing entropy, ...) are averages weighted by
 the tokens each pass routed.
@@ -96,9 +97,10 @@ class StepMeter:
 
     def summary(self) -> dict[str, Any]:
         self._settle()
-        steps = max(self.steps, 1)
-        out: dict[str, Any] = {"loss": self.sums["loss"] / steps}
-        out.update({k: v / steps for k, v in self.sums.items() if k != "loss"})
+        if not self.steps:  # every step of the interval was skipped: nothing to average
+            return {"loss": None, "grad_norm": None, "lr": None}
+        out: dict[str, Any] = {"loss": self.sums["loss"] / self.steps}
+        out.update({k: v / self.steps for k, v in self.sums.items() if k != "loss"})
         moe = {}
         for key in sorted(self.moe_weight, key=_layer_order):
             entry: dict[str, Any] = {}

@@ -51,6 +51,7 @@ from .checkpoint import (
     task_states,
 )
 from .metrics import MetricsLog, StepMeter
+from .run_lock import RunDirLocked, RunLock
 
 __all__ = ["TrainResult", "Trainer", "TrainingDiverged", "TrainingStopped", "build_task", "train"]
 
@@ -203,6 +204,7 @@ class Trainer:
     Raises:
         CheckpointError: ``resume`` without a readable checkpoint, or one that does not fit.
         FileExistsError: a fresh run into a run dir that has checkpoints.
+        RunDirLocked: another live process is training into ``run_dir``.
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -211,12 +213,13 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.env = env = init_distributed(tc.device)
+        self.lock = self._lock_run_dir()
         checkpoint = Checkpoint.open(self.ckpt_dir) if resume else None
         if not resume and any(self.ckpt_dir.glob("step_*")):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
                                   f"or choose a new --run-dir")
 
-        self.env = env = init_distributed(tc.device)
         if env.device.type == "cpu":
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(tc.precision, env.device)
@@ -259,6 +262,30 @@ class Trainer:
             task.model.compile()
         self.call = self.parallel.module
         self.clip = tc.clip_grad if tc.clip_grad is not None else math.inf
+
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run dir; every rank raises if it could not (:mod:`.run_lock`)."""
+        lock, refused = None, None
+        if self.env.is_main:
+            try:
+                lock = RunLock(self.run_dir)
+            except RunDirLocked as e:
+                refused = str(e)
+        refused = next((r for r in self.env.gather(refused) if r), None)
+        if refused:
+            raise RunDirLocked(refused)
+        return lock
+
+    def close(self) -> None:
+        """Release the run dir (also done when the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -355,12 +382,13 @@ class Trainer:
                     records.append(record)
                     self.meter.reset()
                     interval_start = time.perf_counter()
-                saved = self.step % tc.checkpoint_every == 0 or self.step == tc.steps
+                # inside a bad streak the weights may be what made it: the last good checkpoint stays newest
+                saved = (self.step % tc.checkpoint_every == 0 or self.step == tc.steps) and not self.bad_in_a_row
                 if saved:
                     self.save()
                 if bar is not None:
                     bar.update(1)
-                    if record is not None:
+                    if record is not None and record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
                 if self.stop_requested and self.step < tc.steps:
                     raise TrainingStopped(self.step, self.ckpt_dir / step_dir_name(self.step) if saved
@@ -416,7 +444,7 @@ class Trainer:
         if env.is_main:
             model, heads = task_states(self.task, full)
             state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "per_rank": per_rank,
-                     "world": env.world, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row}
+                     "world": env.world, "bad_steps": self.bad_steps}
             writer.write(model=model, heads=heads, state=state, cfg=self.cfg,
                          ema=None if self.ema is None else self.ema.module.state_dict())
         return writer.commit(self.tc.keep_checkpoints)
@@ -463,7 +491,8 @@ class Trainer:
         self.data.load_state_dict(mine["data"])
         self.meter.load_state_dict(mine["meter"])
         set_rng_state(mine["rng"], env.device)
-        self.step, self.bad_steps, self.bad_in_a_row = state["step"], state["bad_steps"], state["bad_in_a_row"]
+        # the streak is not restored: a resume (after lowering train.lr, say) gets max_bad_steps anew
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
         if env.is_main:
             self.log.truncate(after_step=self.step)
 
@@ -472,4 +501,5 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: b
           init: str | Path | None = None) -> TrainResult:
     """Train ``cfg.task`` (or the model's default task) for ``cfg.train.steps`` steps; see
     :class:`Trainer` for the arguments and errors."""
-    return Trainer(cfg, run_dir, resume=resume, progress=progress, init=init).fit()
+    with Trainer(cfg, run_dir, resume=resume, progress=progress, init=init) as trainer:
+        return trainer.fit()

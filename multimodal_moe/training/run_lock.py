@@ -1,0 +1,54 @@
+"""One writer per run directory.
+
+A run holds an exclusive ``flock`` on ``<run-dir>/.lock`` for as long as its process lives;
+the kernel drops the lock when the process ends in any way (SIGKILL included), so no stale
+lock is ever left behind. The file records the holder's pid and host, which a refused second
+writer is told.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+__all__ = ["RunDirLocked", "RunLock"]
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another live process is writing to this run directory."""
+
+
+class RunLock:
+    """The lock on ``run_dir`` (created if missing), held until :meth:`release` or the process ends.
+
+    Raises:
+        RunDirLocked: another process holds it; the message names its pid and host.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirLocked(f"{run_dir} is in use by {holder}; wait for it to finish (or stop it) before "
+                               f"writing to this run dir, or choose another --run-dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()
