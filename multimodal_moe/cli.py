@@ -210,6 +210,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(f".{BENCH_SUITES[args.suite]}", __package__).main(args.args)
 
 
+# --resume: the latest checkpoint; --resume=latest-intact: the newest one whose checksums hold
+RESUME = dict(nargs="?", const="latest", default=None, choices=["latest", "latest-intact"],
+              help="continue the run in --run-dir from its latest checkpoint (=latest-intact: from the newest one "
+                   "whose files are intact, naming the corrupt ones it passes over)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe", description="Multiway Transformers with Mixture-of-Experts FFNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,8 +227,7 @@ def parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config value, e.g. --set train.steps=50 (repeatable)")
     pretrain.add_argument("--run-dir", default=None, help="output folder (default: runs/<preset>-<time>)")
-    pretrain.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest "
-                                                                "checkpoint")
+    pretrain.add_argument("--resume", **RESUME)
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(run=cmd_pretrain)
 
@@ -232,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
                                                        "init, the baseline)")
     finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     finetune.add_argument("--run-dir", default=None)
-    finetune.add_argument("--resume", action="store_true")
+    finetune.add_argument("--resume", **RESUME)
     finetune.add_argument("--no-progress", action="store_true")
     finetune.set_defaults(run=cmd_finetune)
 

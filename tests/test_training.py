@@ -144,7 +144,8 @@ def test_checkpoints_are_kept_pruned_and_loadable(tmp_path):
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000008", "step_0000012"]
     assert os.readlink(ckpts / "latest") == "step_0000012"
-    assert set(os.listdir(ckpts / "latest")) == {"model.safetensors", "heads.safetensors", "state.pt", "config.yaml"}
+    assert set(os.listdir(ckpts / "latest")) == {"model.safetensors", "heads.safetensors", "state.pt", "config.yaml",
+                                                "checksums.json"}
 
     model = mm.load_checkpoint(tmp_path)
     assert not model.training and model.cfg == cfg.model
@@ -190,6 +191,9 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     train(config("beit3/debug", "train.steps=4"), tmp_path, progress=False)
     weights = tmp_path / "checkpoints" / "latest" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt: 1000 bytes"):
+        mm.load_checkpoint(tmp_path)
+    (weights.parent / "checksums.json").unlink()  # as checkpoints written before checksums existed
     with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors"):
         mm.load_checkpoint(tmp_path)
 
@@ -249,6 +253,27 @@ def test_resuming_a_finished_run_says_so(tmp_path, capsys):
     assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", "--resume",
                  *sets]) == 0
     assert "has already finished its 4 steps; nothing to do" in capsys.readouterr().err
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_caught_and_an_intact_one_resumed(tmp_path):
+    """Every checkpoint file's CRC-32 is checked when it is read: a corrupt newest checkpoint
+    names its file (before: it loaded, and the run diverged), and --resume=latest-intact
+    continues from the newest intact one, as exactly as from any checkpoint."""
+    cfg = config("lm/debug", "train.steps=8", "train.checkpoint_every=4")
+    reference = train(cfg, tmp_path / "reference", progress=False)
+    train(cfg, tmp_path / "run", progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "step_0000008" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-100] ^= 0x10  # one bit of one weight
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt.*latest-intact"):
+        mm.load_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+    resumed = train(cfg, tmp_path / "run", resume="latest-intact", progress=False)  # from step 4, to 8 again
+    assert resumed.step == 8
+    assert comparable(read_records(tmp_path / "run")) == comparable(read_records(tmp_path / "reference"))
+    assert reference.step == 8 and mm.load_checkpoint(tmp_path / "run") is not None  # step 8 written anew
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ the newest. Each checkpoint directory holds::
                         ``weights_only=True``
     sharded/            FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint)
     config.yaml         the resolved run config
+    checksums.json      CRC-32 and size of every other file, checked whenever one is read, so a
+                        flipped bit or a truncated file is an error naming it, never loaded
 
 It is written into ``.tmp-step_XXXXXXX`` (every file flushed to disk), renamed into place,
 and only then is ``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX). The
@@ -21,8 +23,11 @@ that share storage (a tied output projection) are stored once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,9 @@ from ..configurable import ConfigError, parse, to_dict
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "config_differences", "find_checkpoint",
            "load_weights", "save_checkpoint"]
 
-MODEL_FILE, HEADS_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, SHARDED_DIR = (
-    "model.safetensors", "heads.safetensors", "ema.safetensors", "state.pt", "config.yaml", "sharded")
+MODEL_FILE, HEADS_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, SHARDED_DIR, CHECKSUMS_FILE = (
+    "model.safetensors", "heads.safetensors", "ema.safetensors", "state.pt", "config.yaml", "sharded",
+    "checksums.json")
 LATEST = "latest"
 
 
@@ -50,6 +56,22 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def file_checksum(path: Path) -> dict[str, int]:
+    """CRC-32 and size of a file, read in 16 MiB blocks."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc, size = zlib.crc32(block, crc), size + len(block)
+    return {"crc32": crc, "bytes": size}
+
+
+def write_checksums(directory: Path) -> None:
+    """``checksums.json`` of every file under ``directory``."""
+    sums = {str(p.relative_to(directory)): file_checksum(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS_FILE}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n")
 
 
 def _fsync(path: Path) -> None:
@@ -109,6 +131,7 @@ class CheckpointWriter:
         self.barrier()
         final = self.root / self.name
         if self.is_main:
+            write_checksums(self.tmp)
             for f in sorted(self.tmp.rglob("*"), reverse=True):
                 _fsync(f)
             _fsync(self.tmp)
@@ -206,8 +229,23 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {ckpt.path} is incomplete: missing {', '.join(missing)}")
         return ckpt
 
+    @classmethod
+    def latest_intact(cls, checkpoints_dir: str | Path) -> Checkpoint:
+        """The newest checkpoint in ``checkpoints_dir`` that opens and verifies; each one passed
+        over is named on stderr."""
+        candidates = sorted((p for p in Path(checkpoints_dir).glob("step_*") if p.is_dir()), reverse=True)
+        for path in candidates:
+            try:
+                ckpt = cls.open(path)
+                ckpt.verify()
+                return ckpt
+            except CheckpointError as e:
+                print(f"passing over {path.name}: {e}", file=sys.stderr)
+        raise CheckpointError(f"no intact checkpoint in {checkpoints_dir} ({len(candidates)} tried)")
+
     @property
     def config(self) -> Config:
+        self.verify(CONFIG_FILE)
         try:
             return parse(Config, yaml.safe_load((self.path / CONFIG_FILE).read_text()))
         except (yaml.YAMLError, ConfigError) as e:
@@ -227,10 +265,32 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path} does not fit the requested config; mismatched keys:\n  "
                                   + "\n  ".join(diffs))
 
+    def verify(self, name: str | None = None) -> None:
+        """Check one file (or all) against ``checksums.json``; raise :class:`CheckpointError`
+        naming the corrupt file. Checkpoints written before checksums existed pass."""
+        sums_path = self.path / CHECKSUMS_FILE
+        if not sums_path.is_file():
+            return
+        try:
+            sums = json.loads(sums_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{sums_path} is unreadable ({e}); the checkpoint cannot be verified") from None
+        for rel in [name] if name is not None else sorted(sums):
+            path = self.path / rel
+            if rel not in sums or not path.is_file():
+                continue
+            got = file_checksum(path)
+            if got != sums[rel]:
+                raise CheckpointError(f"{path} is corrupt: {got['bytes']} bytes with CRC-32 {got['crc32']:08x}, but "
+                                      f"it was written as {sums[rel]['bytes']} bytes with CRC-32 "
+                                      f"{sums[rel]['crc32']:08x} (resume from an older checkpoint with "
+                                      f"--resume=latest-intact)")
+
     def _read(self, fn, name: str, **kwargs):
         path = self.path / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {self.path} has no {name}")
+        self.verify(name)
         try:
             return fn(str(path), **kwargs)
         except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:

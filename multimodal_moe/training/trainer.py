@@ -193,7 +193,8 @@ class Trainer:
     Args:
         cfg: the resolved run config.
         run_dir: where ``config.yaml``, ``metrics.jsonl`` and ``checkpoints/`` go.
-        resume: continue from ``run_dir/checkpoints/latest`` (whose model and task config must
+        resume: continue from ``run_dir/checkpoints/latest`` (True or "latest"), or from the
+            newest checkpoint whose files are intact ("latest-intact"); its model and task config must
             match ``cfg``'s, saved at the same world size); without it, a run dir that already
             has checkpoints is refused.
         progress: show a progress bar (rank 0).
@@ -207,7 +208,7 @@ class Trainer:
         RunDirLocked: another live process is training into ``run_dir``.
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool | str = False, progress: bool = True,
                  init: str | Path | None = None):
         tc = self.tc = cfg.train
         self.cfg, self.progress = cfg, progress
@@ -215,7 +216,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.env = env = init_distributed(tc.device)
         self.lock = self._lock_run_dir()
-        checkpoint = Checkpoint.open(self.ckpt_dir) if resume else None
+        checkpoint = None
+        if resume:
+            checkpoint = Checkpoint.latest_intact(self.ckpt_dir) if resume == "latest-intact" else \
+                Checkpoint.open(self.ckpt_dir)
+            checkpoint.verify()
         if not resume and any(self.ckpt_dir.glob("step_*")):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
                                   f"or choose a new --run-dir")
@@ -497,7 +502,7 @@ class Trainer:
             self.log.truncate(after_step=self.step)
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: Config, run_dir: str | Path, *, resume: bool | str = False, progress: bool = True,
           init: str | Path | None = None) -> TrainResult:
     """Train ``cfg.task`` (or the model's default task) for ``cfg.train.steps`` steps; see
     :class:`Trainer` for the arguments and errors."""
