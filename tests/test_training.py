@@ -196,6 +196,10 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     (weights.parent / "checksums.json").unlink()  # as checkpoints written before checksums existed
     with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors"):
         mm.load_checkpoint(tmp_path)
+    shutil.rmtree(weights.parent.resolve())  # latest now dangles
+    with pytest.raises(CheckpointError, match=r"latest points at step_0000004, which does not exist; the checkpoints "
+                                              r"there are none"):
+        mm.load_checkpoint(tmp_path)
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_like_sigterm_to_the_main_process(tmp_path):
@@ -274,6 +278,62 @@ def test_a_flipped_bit_in_a_checkpoint_is_caught_and_an_intact_one_resumed(tmp_p
     assert resumed.step == 8
     assert comparable(read_records(tmp_path / "run")) == comparable(read_records(tmp_path / "reference"))
     assert reference.step == 8 and mm.load_checkpoint(tmp_path / "run") is not None  # step 8 written anew
+
+
+def test_a_full_disk_leaves_the_previous_checkpoints_and_says_where(tmp_path, monkeypatch):
+    """A checkpoint write that fails (ENOSPC here) removes its temporary folder and says where,
+    how much is free and how much a checkpoint takes; the previous ones stay (before: a bare
+    "enforce fail at inline_container.cc", and the folder left behind)."""
+    import errno
+
+    from multimodal_moe.training import checkpoint as checkpoint_module
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def full_disk(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"step_0000004 into .*failed: No space left on device \(\d+ bytes "
+                                              r"free on that disk; a checkpoint takes about \d+ bytes\)"):
+        train(config("lm/debug", "train.steps=8", "train.checkpoint_every=2"), tmp_path, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002"]  # no .tmp-step_0000004
+    assert Checkpoint.open(ckpts).training_state()["step"] == 2
+
+
+def test_room_is_made_before_a_checkpoint_is_written(tmp_path, monkeypatch):
+    """With keep_checkpoints=K a run never holds more than K checkpoints, the one being written included."""
+    from multimodal_moe.training import checkpoint as checkpoint_module
+
+    real_save, seen = checkpoint_module.save_weights, []
+
+    def counting(state, path, step):
+        seen.append(len(list(path.parent.parent.glob("step_*"))))
+        return real_save(state, path, step)
+
+    monkeypatch.setattr(checkpoint_module, "save_weights", counting)
+    train(config("lm/debug", "train.steps=10", "train.checkpoint_every=2", "train.keep_checkpoints=2"), tmp_path,
+          progress=False)
+    assert max(seen) == 1 and len(list((tmp_path / "checkpoints").glob("step_*"))) == 2
+
+
+def test_a_garbled_metrics_line_stops_the_resume_with_its_number(tmp_path):
+    """A torn last line (a crash mid-write) is dropped on resume; a bad line anywhere else stops
+    it, naming the line (before: every later line was dropped without a word)."""
+    cfg = config("lm/debug", "train.steps=8", "train.checkpoint_every=4")
+    train(cfg, tmp_path, progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:1] + ["{garbled"] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+        train(cfg, tmp_path, resume=True, progress=False)
+    metrics.write_text("\n".join(lines) + '\n{"step": 9, "lo')
+    train(config("lm/debug", "train.steps=12", "train.checkpoint_every=4"), tmp_path, resume=True, progress=False)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

@@ -15,9 +15,11 @@ the newest. Each checkpoint directory holds::
                         flipped bit or a truncated file is an error naming it, never loaded
 
 It is written into ``.tmp-step_XXXXXXX`` (every file flushed to disk), renamed into place,
-and only then is ``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX). The
-oldest checkpoints beyond ``keep`` are deleted last, never the one ``latest`` names. Weights
-that share storage (a tied output projection) are stored once.
+and only then is ``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX). To
+make room, the oldest checkpoints are deleted before the new one is written, down to
+``keep - 1`` (at least one, and never the one ``latest`` names); a write that fails removes its
+temporary folder and says why (a full disk: where, how much is free, how much a checkpoint
+takes). Weights that share storage (a tied output projection) are stored once.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class CheckpointWriter:
     rank 0 writes the files, every rank may write shards into ``tmp / "sharded"``.
     """
 
-    def __init__(self, root: str | Path, step: int, *, is_main: bool = True, barrier=lambda: None):
+    def __init__(self, root: str | Path, step: int, *, is_main: bool = True, barrier=lambda: None, keep: int = 3):
         self.root, self.step, self.is_main, self.barrier = Path(root), step, is_main, barrier
         self.name = step_dir_name(step)
         self.tmp = self.root / f".tmp-{self.name}"
@@ -113,18 +115,43 @@ class CheckpointWriter:
             self.root.mkdir(parents=True, exist_ok=True)
             if self.tmp.exists():  # left by a crash
                 shutil.rmtree(self.tmp)
+            self._prune(max(keep - 1, 1))
             self.tmp.mkdir()
         barrier()
+
+    def _prune(self, keep: int) -> None:
+        """Delete the oldest checkpoints beyond the newest ``keep``, never the one ``latest`` names."""
+        latest = (self.root / LATEST).resolve() if (self.root / LATEST).exists() else None
+        for old in sorted(p for p in self.root.glob("step_*") if p.is_dir())[:-keep]:
+            if old.name != self.name and old.resolve() != latest:
+                shutil.rmtree(old)
+
+    def abort(self) -> None:
+        """Remove what a failed write left."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _failed(self, e: OSError) -> CheckpointError:
+        self.abort()
+        sizes = [sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in self.root.glob("step_*")]
+        free = shutil.disk_usage(self.root).free
+        need = f"; a checkpoint takes about {max(sizes)} bytes" if sizes else ""
+        return CheckpointError(f"writing checkpoint {self.name} into {self.tmp} failed: {e.strerror or e} "
+                               f"({free} bytes free on that disk{need}); the previous checkpoints are intact")
 
     def write(self, *, model: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], state: dict[str, Any],
               cfg: Config, ema: dict[str, torch.Tensor] | None = None) -> None:
         """Rank 0's files: weights, training state, config."""
-        save_weights(model, self.tmp / MODEL_FILE, self.step)
-        save_weights(heads, self.tmp / HEADS_FILE, self.step)
-        if ema is not None:
-            save_weights(ema, self.tmp / EMA_FILE, self.step)
-        torch.save({**state, "step": self.step}, self.tmp / STATE_FILE)
-        (self.tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        try:
+            save_weights(model, self.tmp / MODEL_FILE, self.step)
+            save_weights(heads, self.tmp / HEADS_FILE, self.step)
+            if ema is not None:
+                save_weights(ema, self.tmp / EMA_FILE, self.step)
+            torch.save({**state, "step": self.step}, self.tmp / STATE_FILE)
+            (self.tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        except OSError as e:
+            raise self._failed(e) from e
+        except RuntimeError as e:  # torch.save reports a full disk as an "enforce fail" RuntimeError
+            raise self._failed(OSError(str(e).splitlines()[0])) from e
 
     def commit(self, keep: int) -> Path:
         """Flush, rename into place, repoint ``latest``, delete the oldest beyond ``keep``."""
@@ -168,7 +195,7 @@ def save_checkpoint(checkpoints_dir: str | Path, step: int, *, task: nn.Module, 
                     ema: nn.Module | None = None, keep: int = 3) -> Path:
     """Write a single-process checkpoint of ``task`` (its ``model`` is the backbone) atomically,
     point ``latest`` at it, keep the newest ``keep``."""
-    writer = CheckpointWriter(checkpoints_dir, step)
+    writer = CheckpointWriter(checkpoints_dir, step, keep=keep)
     model, heads = task_states(task)
     writer.write(model=model, heads=heads, state=state, cfg=cfg, ema=None if ema is None else ema.state_dict())
     return writer.commit(keep)
@@ -181,6 +208,12 @@ def find_checkpoint(path: str | Path) -> Path:
     for candidate in (path, path / LATEST, path / "checkpoints" / LATEST):
         if (candidate / MODEL_FILE).is_file() or (candidate / STATE_FILE).is_file():
             return candidate.resolve()
+    for link in (path / LATEST, path / "checkpoints" / LATEST):
+        if link.is_symlink() and not link.exists():
+            others = sorted(p.name for p in link.parent.glob("step_*") if p.is_dir())
+            raise CheckpointError(f"{link} points at {os.readlink(link)}, which does not exist; the checkpoints there "
+                                  f"are {', '.join(others) or 'none'} (--resume=latest-intact takes the newest intact "
+                                  f"one)")
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     raise CheckpointError(f"{str(path)!r} is not a checkpoint: expected a directory with {MODEL_FILE} and "

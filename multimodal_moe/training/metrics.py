@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,11 @@ def _finite(value: Any) -> Any:
 
 
 class MetricsLog:
-    """``metrics.jsonl``, one object per line, flushed as it is written.
+    """``metrics.jsonl``, one object per line, each appended by a single ``write``.
 
     On resume, :meth:`truncate` drops the lines of steps after the checkpoint (logged before
-    the crash, and about to be logged again) and any torn last line.
+    the crash, and about to be logged again) and a torn last line; a line that is not JSON
+    anywhere else stops it with the line's number (dropping what follows would lose data).
     """
 
     def __init__(self, path: str | Path):
@@ -178,12 +180,15 @@ class MetricsLog:
     def truncate(self, after_step: int) -> None:
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        lines, kept = self.path.read_text().splitlines(), []
+        for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by the crash; nothing valid follows it
+            except json.JSONDecodeError as e:
+                if number == len(lines):
+                    break  # the last line, cut by the crash
+                raise ValueError(f"{self.path} line {number} is not JSON ({e.msg}); repair or delete that line, "
+                                 f"then resume") from None
             if record.get("step", 0) > after_step:
                 break
             kept.append(line)
@@ -191,7 +196,14 @@ class MetricsLog:
         tmp.write_text("".join(f"{line}\n" for line in kept))
         tmp.replace(self.path)
 
+    def clear(self) -> None:
+        """An empty log, for a fresh run."""
+        self.path.write_text("")
+
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
-            f.flush()
+        line = (json.dumps(_finite(record), allow_nan=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one append: a reader never sees half a line but at a crash
+        finally:
+            os.close(fd)

@@ -260,7 +260,7 @@ class Trainer:
             self._restore(checkpoint)
         elif env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.log.truncate(after_step=0)
+            self.log.clear()
         if env.is_main:
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if tc.compile:  # the backbone, in place (parameter names unchanged); heads and losses stay eager
@@ -424,7 +424,8 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint of the current step (every rank calls it)."""
         env, parallel = self.env, self.parallel
-        writer = CheckpointWriter(self.ckpt_dir, self.step, is_main=env.is_main, barrier=env.barrier)
+        writer = CheckpointWriter(self.ckpt_dir, self.step, is_main=env.is_main, barrier=env.barrier,
+                                  keep=self.tc.keep_checkpoints)
         per_rank = env.gather({"data": self.data.state_dict(), "rng": rng_state(env.device),
                                "meter": self.meter.state_dict()})
         if parallel.kind == "fsdp":
