@@ -84,7 +84,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None) -> int:
     """Run ``cfg``'s training into ``args.run_dir`` (default ``runs/<preset>-<time>``); the exit code."""
-    from .training import CheckpointError, RunDirLocked, TrainingDiverged, TrainingStopped, train
+    from .training import TrainingDiverged, TrainingStopped, train
 
     distributed, main_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0)) == 0
     if args.run_dir is None:
@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None)
               file=sys.stderr)
     try:
         result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress, init=init)
-    except (CheckpointError, TrainingDiverged, RunDirLocked) as e:
+    except TrainingDiverged as e:
         print(f"mmoe: error: {e}", file=sys.stderr)
         return 1
     except TrainingStopped as e:
@@ -218,6 +218,7 @@ RESUME = dict(nargs="?", const="latest", default=None, choices=["latest", "lates
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe", description="Multiway Transformers with Mixture-of-Experts FFNs.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its message")
     sub = p.add_subparsers(dest="command", required=True)
 
     pretrain = sub.add_parser("pretrain", help="train a preset's task (default: masked data modeling of a small "
@@ -314,15 +315,26 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import eval_tasks  # noqa: F401  (registers the fine-tuning task kinds, so their configs load)
 
+    from .training import CheckpointError, RunDirLocked
+
     args = parser().parse_args(argv)
     try:
         return args.run(args)
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"mmoe: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        if args.debug:
+            raise
         print(f"mmoe: error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, RunDirLocked) as e:
+        if args.debug:
+            raise
+        print(f"mmoe: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from .configurable import ConfigError, Configurable, config, parse, to_dict
@@ -105,6 +106,11 @@ class TrainConfig(Configurable):
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.expert_parallel > 1 and self.data_parallel != "ddp":
             raise ConfigError("expert_parallel", "runs with data_parallel: ddp (FSDP2 already shards the experts)")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError("device", f"{self.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
         if self.ema_decay and (self.expert_parallel > 1 or self.data_parallel == "fsdp"):
             raise ConfigError("ema_decay", "the weight EMA keeps a whole copy of the model; it is not available with "
                                            "sharded weights (fsdp or expert_parallel > 1)")
@@ -128,6 +134,8 @@ class Config(Configurable):
     seed: int = 0
 
     def check(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
         if self.task is not None:
             try:
                 self.task.check_model(self.model)
@@ -207,7 +215,12 @@ def _overrides_tree(overrides: Iterable[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, "overrides both a value and a key inside it")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(key.strip(), f"--set value {raw!r} is not valid YAML ({problem}); quote it to pass "
+                                           "a string") from None
     return tree
 
 

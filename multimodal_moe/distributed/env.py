@@ -82,8 +82,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
         raise ValueError(f"train.device={name} under torchrun would put all {world} ranks on GPU {resolved.index}; "
                          f"use train.device=cuda (each rank takes GPU LOCAL_RANK) and choose GPUs with "
                          f"CUDA_VISIBLE_DEVICES")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name}, but torch sees no CUDA GPU here (torch {torch.__version__}, CUDA "
+                         f"build {torch.version.cuda or 'none'}); use train.device=cpu or auto")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank if world > 1 else 0)
+    if resolved.type == "cuda" and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name}: there is no GPU {resolved.index} (this process sees "
+                         f"{torch.cuda.device_count()}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
     if world > 1 and not dist.is_initialized():
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)

@@ -89,11 +89,41 @@ def check_group_sizes(model: ModelConfig, batch_sizes: dict[str, int]) -> None:
                                                         f"{group} (Mixture of Tokens mixes groups of examples)")
 
 
+def _data_fields(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every ``shards`` / ``eval_shards`` / ``path`` field under ``node``."""
+    for f in fields(node) if hasattr(node, "__dataclass_fields__") else ():
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if f.name in ("shards", "eval_shards") and value:
+            yield key, value
+        elif f.name == "path" and isinstance(value, str):
+            yield key, value
+        elif hasattr(value, "__dataclass_fields__"):
+            yield from _data_fields(value, f"{key}.")
+
+
 class TaskConfig(Registry):
     """Base of the task family; ``kind`` selects the task."""
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise :class:`~multimodal_moe.configurable.ConfigError` if the task cannot train ``model``."""
+
+    def check_data(self) -> None:
+        """Raise ``FileNotFoundError`` naming every shard set (``shards``, ``eval_shards``) and
+        file (``path``: tokenizer, codebook) of this config, at any depth, that is not there;
+        called before the model is built, so a typo costs no model build."""
+        problems = []
+        for key, value in _data_fields(self, ""):
+            try:
+                if key.endswith("shards"):
+                    from data_pipelines.shards import shard_urls
+
+                    shard_urls([str(data_path(s)) for s in value])
+                elif not data_path(value).is_file():
+                    raise FileNotFoundError(f"{value} not found")
+            except FileNotFoundError as e:
+                problems.append(f"task.{key}: {e}")
+        if problems:
+            raise FileNotFoundError("the task's data is not there:\n  " + "\n  ".join(problems))
 
     def build(self, model: nn.Module) -> Task:
         """The task around the backbone ``model`` (heads initialised from the global RNG)."""

@@ -64,8 +64,8 @@ class TextStreamConfig(StreamConfig):
 
     def check(self) -> None:
         StreamConfig.check(self)
-        if self.max_len < 2:
-            raise ConfigError("max_len", f"must be at least 2 (BOS and EOS), got {self.max_len}")
+        if self.max_len < 3:
+            raise ConfigError("max_len", f"must be at least 3 (BOS, a token and EOS), got {self.max_len}")
 
 
 @config

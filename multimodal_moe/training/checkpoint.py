@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
 import shutil
 import sys
 import zlib
@@ -326,6 +328,12 @@ class Checkpoint:
         self.verify(name)
         try:
             return fn(str(path), **kwargs)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f"it asks for {found.group(1)}" if found else str(e).strip().splitlines()[0][:200]
+            raise CheckpointError(f"{path} pickles Python objects other than tensors and plain values, which no "
+                                  f"checkpoint of ours holds ({what}); it was not unpickled, since that could run "
+                                  f"code") from None
         except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
 

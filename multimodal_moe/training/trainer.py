@@ -214,6 +214,8 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.task is not None:
+            cfg.task.check_data()
         self.env = env = init_distributed(tc.device)
         self.lock = self._lock_run_dir()
         checkpoint = None
