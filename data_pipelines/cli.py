@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .images import decode_image
+from .processors import checking_processor
 from .shards import IMAGE_FIELDS, KINDS, ShardSink, read_manifest, shard_urls
 from .skips import SkipCounter, SkipSample, decode_json, decode_text
 from .sources import SOURCES
@@ -47,38 +48,83 @@ def cmd_write_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_shards(spec: list[str], examples: int = 3) -> dict:
-    """Counts per field and per skip reason over every sample, and a few decoded examples."""
+def _manifest_kind(spec: list[str]) -> str | None:
+    """The one kind the manifests of ``spec``'s shard directories declare, if they all do."""
+    kinds = set()
+    for item in spec:
+        if not (Path(item) / "manifest.json").is_file():
+            return None
+        kinds.add(read_manifest(item).get("kind"))
+    if len(kinds) > 1:
+        raise ValueError(f"the shard directories hold different kinds ({', '.join(sorted(map(str, kinds)))}); "
+                         f"inspect one kind at a time or pass --kind")
+    return kinds.pop() if kinds else None
+
+
+def _shown(sample: dict, names: list[str]) -> dict:
+    """A sample's fields for display: image sizes, texts cut at 120 characters."""
+    example = {"key": sample["__key__"]}
+    for name in names:
+        try:
+            if name in IMAGE_FIELDS:
+                image = decode_image(sample[name])
+                example[name] = f"{image.width}x{image.height} {image.mode}"
+            elif name in ("txt", "json"):
+                text = decode_text(sample[name])
+                example[name] = text if len(text) <= 120 else text[:117] + "..."
+        except SkipSample as skip:
+            example[name] = f"<{skip.reason}>"
+    return example
+
+
+def inspect_shards(spec: list[str], examples: int = 3, *, kind: str | None = None,
+                   tokenizer: str | None = None) -> dict:
+    """Counts per field and per skip reason over every sample, and a few decoded examples.
+
+    With a ``kind`` (default: the one the shard directories' manifests declare) each sample goes
+    through the processor that kind trains with, so ``skipped`` is exactly what training would
+    skip (fields it does not read are not checked); without one, every image, text and JSON
+    field is decoded. ``tokenizer``: the ``.model`` training uses (default: the bundled one).
+    """
     urls = shard_urls(spec)
+    kind = kind or _manifest_kind(spec)
+    check = None
+    if kind is not None:
+        from .tokenizer import Tokenizer
+
+        check = checking_processor(kind, Tokenizer.load(tokenizer or Path(__file__).parent / "bundled" /
+                                                        "tokenizer.model"))
     skips, fields, shown = SkipCounter(log_every=10**9), Counter(), []
     total = 0
     for sample in tqdm(tar_samples(urls, skips), desc="inspect", unit="sample", file=sys.stderr):
         total += 1
         names = [k for k in sample if not k.startswith("__")]
         fields.update(names)
-        example = {"key": sample["__key__"]}
         try:
-            for name in names:
-                if name in IMAGE_FIELDS:
-                    image = decode_image(sample[name])
-                    example[name] = f"{image.width}x{image.height} {image.mode}"
-                elif name in ("txt", "json"):
-                    text = decode_text(sample[name])
-                    if name == "json":
+            if check is not None:
+                check(sample, 0)
+            else:
+                for name in names:
+                    if name in IMAGE_FIELDS:
+                        decode_image(sample[name])
+                    elif name == "txt":
+                        decode_text(sample[name])
+                    elif name == "json":
                         decode_json(sample[name])
-                    example[name] = text if len(text) <= 120 else text[:117] + "..."
         except SkipSample as skip:
             skips.add(skip)
             continue
         if len(shown) < examples:
-            shown.append(example)
-    return {"shards": len(urls), "samples": total, "fields": dict(sorted(fields.items())),
+            shown.append(_shown(sample, names))
+    return {"shards": len(urls), "kind": kind, "samples": total, "fields": dict(sorted(fields.items())),
             "skipped": dict(sorted(skips.counts.items())), "examples": shown}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    report = inspect_shards(args.shards, args.examples)
-    print(f"{report['samples']} samples in {report['shards']} shard(s)")
+    report = inspect_shards(args.shards, args.examples, kind=args.kind, tokenizer=args.tokenizer)
+    checked = f"checked as {report['kind']} shards, as training reads them" if report["kind"] else \
+        "no kind given or in a manifest: every image, txt and json field decoded"
+    print(f"{report['samples']} samples in {report['shards']} shard(s); {checked}")
     print("fields:  " + ", ".join(f"{k} {v}" for k, v in report["fields"].items()))
     print("skipped: " + (", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"))
     for example in report["examples"]:
@@ -142,6 +188,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i = cmds.add_parser("inspect", help="counts per field and per skip reason, and a few decoded examples")
     i.add_argument("shards", nargs="+", help="shard directories, tars or brace patterns")
     i.add_argument("--examples", type=int, default=3)
+    i.add_argument("--kind", choices=KINDS, default=None,
+                   help="check the samples as training reads this kind (default: the kind in the shard "
+                        "directories' manifest.json; without either, decode every field)")
+    i.add_argument("--tokenizer", default=None, help="the sentencepiece .model training uses, for empty_text "
+                                                     "(default: the bundled one)")
     i.set_defaults(run=cmd_inspect)
 
     t = cmds.add_parser("train-tokenizer", help="a sentencepiece model in BEiT-3's id layout")

@@ -44,14 +44,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as VF
 
 from .skips import SkipSample
 
-__all__ = ["BEIT3_MEAN", "BEIT3_STD", "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "RandomCropTransform",
-           "ResizeTransform", "decode_image", "eval_transform", "finetune_transform", "pretrain_transform"]
+__all__ = ["BEIT3_MEAN", "BEIT3_STD", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_FORMATS", "ImageTransform",
+           "RandomCropTransform", "ResizeTransform", "decode_image", "eval_transform", "finetune_transform", "pretrain_transform"]
 
 BEIT3_MEAN = (0.5, 0.5, 0.5)
 BEIT3_STD = (0.5, 0.5, 0.5)
@@ -62,15 +62,19 @@ _BICUBIC = v2.InterpolationMode.BICUBIC
 _RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect range for random resized crops
 _LOG_RATIO = (math.log(_RATIO[0]), math.log(_RATIO[1]))
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# The formats the toolkit documents; Pillow tries no other plugin (EPS would run Ghostscript,
+# and exotic decoders are attack surface), so anything else is a corrupt_image.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
     """Decode ``data`` into an RGB image.
 
     Args:
-        data: the encoded file (JPEG, PNG, WebP, GIF, ... anything Pillow reads; the first frame
-            of an animation).
-        max_pixels: largest width * height accepted, checked from the header before decoding.
+        data: the encoded file: JPEG, PNG, WebP, GIF, BMP or TIFF (:data:`IMAGE_FORMATS`; the
+            first frame of an animation or page of a TIFF). No other decoder is tried.
+        max_pixels: largest width * height accepted, checked from the header before decoding;
+            with one frame decoded, this bounds the decoding time (about 1 s for 64M pixels).
             Pillow's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, doubled) also
             applies and ends the same way; its warning is silenced because this check replaces it.
 
@@ -83,7 +87,7 @@ def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
         # decoding at once could at worst let one warning through.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise SkipSample("image_too_large", f"{width}x{height} = {width * height} pixels > "
@@ -96,6 +100,9 @@ def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
         raise SkipSample("image_too_large", str(err)) from err
     # Pillow's plugins fail on bad bytes with many exception types (OSError, SyntaxError,
     # ValueError, struct.error, EOFError, ...); all of them mean the sample is unusable.
+    except UnidentifiedImageError:
+        raise SkipSample("corrupt_image", f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} "
+                                          f"image") from None
     except Exception as err:
         raise SkipSample("corrupt_image", f"{type(err).__name__}: {err}") from err
 

@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from .batches import ImageBatch, ImageTextBatch, LMBatch, RetrievalBatch, TextBatch, VQABatch
-from .images import ImageTransform, decode_image
+from .images import ImageTransform, decode_image, eval_transform
 from .masking import BlockMaskGenerator
 from .shards import IMAGE_FIELDS
-from .skips import SkipSample, decode_json, decode_text
+from .skips import ID, TEXT, TEXTS, SkipSample, decode_record, decode_text
 from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens
 from .tokenizer import Tokenizer
 
-__all__ = ["ImageProcessor", "ImageTextProcessor", "LMProcessor", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
+__all__ = ["RETRIEVAL_RECORD", "VQA_RECORD", "ImageProcessor", "ImageTextProcessor", "LMProcessor",
+           "RetrievalProcessor", "TextProcessor", "VQAProcessor", "checking_processor", "read_vqa_record",
            "vqa_soft_score"]
 
 def _field(sample: dict, *names: str) -> bytes:
@@ -130,6 +131,16 @@ def vqa_soft_score(matches: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[matches] if matches < 4 else 1.0
 
 
+VQA_RECORD = {"question_id": ID, "question": TEXT, "answers": TEXTS}  # "answers": [] in a test split
+RETRIEVAL_RECORD = {"image_id": ID, "captions": TEXTS}
+
+
+def read_vqa_record(sample: dict) -> dict:
+    """A VQA sample's ``json`` (:data:`VQA_RECORD`, optional ``question_type``), or
+    :class:`SkipSample`: what both training and the answer vocabulary read of it."""
+    return decode_record(_field(sample, "json"), VQA_RECORD, {"question_type": TEXT})
+
+
 @dataclasses.dataclass
 class VQAProcessor:
     """Image + question; with ``answer_vocab`` (normalised answer -> index) also the soft-score
@@ -145,11 +156,11 @@ class VQAProcessor:
         self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
 
     def __call__(self, sample: dict, seed: int) -> tuple:
-        record = decode_json(_field(sample, "json"), "question_id", "question", "answers")
+        record = read_vqa_record(sample)
         ids = self.tokenizer.encode_for_model(record["question"], self.max_len)
         x_3HW, _ = self._image.image(sample, seed)
-        return (sample["__key__"], x_3HW, ids, str(record["question_id"]), str(record.get("question_type", "")),
-                [str(a) for a in record["answers"]])
+        return (sample["__key__"], x_3HW, ids, record["question_id"], record.get("question_type", ""),
+                record["answers"])
 
     def collate(self, items: list, seed: int) -> VQABatch:
         keys, images, seqs, qids, qtypes, answers = zip(*items)
@@ -181,10 +192,10 @@ class RetrievalProcessor:
         self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
 
     def __call__(self, sample: dict, seed: int) -> tuple:
-        record = decode_json(_field(sample, "json"), "image_id", "captions")
-        captions = [c for c in record["captions"] if isinstance(c, str) and c.strip()]
+        record = decode_record(_field(sample, "json"), RETRIEVAL_RECORD)
+        captions = [c for c in record["captions"] if c.strip()]
         if not captions:
-            raise SkipSample("bad_json", "no captions")
+            raise SkipSample("empty_text", "no caption that is not blank")
         if not self.all_captions:
             captions = [random.Random(seed).choice(captions)]
         seqs = [self.tokenizer.encode_for_model(c, self.max_len) for c in captions]
@@ -218,3 +229,21 @@ class LMProcessor:
 
     def collate(self, rows: list[list[int]], seed: int) -> LMBatch:
         return LMBatch(keys=[], ids_BT=torch.tensor(rows, dtype=torch.long))
+
+
+def checking_processor(kind: str, tokenizer: Tokenizer, max_pixels: int = 64_000_000) -> Callable[[dict, int], tuple]:
+    """The processor a stream of shards of ``kind`` trains with, on 16-pixel images: a sample
+    it raises :class:`SkipSample` for is one training skips, for the same reason (what
+    ``mmoe data inspect`` reports). Retrieval reads every caption, as evaluation does."""
+    small = eval_transform(16)
+    processors = {
+        "image": lambda: ImageProcessor(small, max_pixels=max_pixels),
+        "text": lambda: TextProcessor(tokenizer, mlm_ratio=None),
+        "image_text": lambda: ImageTextProcessor(ImageProcessor(small, max_pixels=max_pixels),
+                                                 TextProcessor(tokenizer, mlm_ratio=None)),
+        "vqa": lambda: VQAProcessor(tokenizer, small, max_pixels=max_pixels),
+        "retrieval": lambda: RetrievalProcessor(tokenizer, small, all_captions=True, max_pixels=max_pixels),
+    }
+    if kind not in processors:
+        raise ValueError(f"unknown stream kind {kind!r}; known: {', '.join(processors)}")
+    return processors[kind]()

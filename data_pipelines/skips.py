@@ -13,10 +13,12 @@ import json
 import logging
 from collections import Counter
 
-__all__ = ["REASONS", "SkipCounter", "SkipSample", "decode_json", "decode_text"]
+__all__ = ["ID", "REASONS", "TEXT", "TEXTS", "SkipCounter", "SkipSample", "decode_json", "decode_record",
+           "decode_text"]
 
 REASONS = {
     "truncated_tar": "a shard ended inside a member (or is not a tar at all); later samples of it are lost",
+    "duplicate_field": "a sample whose tar holds one of its fields twice (which one is meant is unknown)",
     "corrupt_image": "image bytes that Pillow cannot decode",
     "image_too_large": "an image whose header declares more pixels than the configured limit "
                        "(decompression-bomb guard); it is never decoded",
@@ -54,10 +56,55 @@ def decode_json(data: bytes, *required: str) -> dict:
         record = json.loads(decode_text(data))
     except json.JSONDecodeError as e:
         raise SkipSample("bad_json", str(e)) from None
-    missing = [k for k in required if not isinstance(record, dict) or k not in record]
+    if not isinstance(record, dict):
+        raise SkipSample("bad_json", f"not a JSON object but {_describe(record)}")
+    missing = [k for k in required if k not in record]
     if missing:
         raise SkipSample("bad_json", f"missing {missing}")
     return record
+
+
+def _describe(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def TEXT(value) -> str:
+    """A JSON string."""
+    if not isinstance(value, str):
+        raise TypeError(f"a string, got {_describe(value)}")
+    return value
+
+
+def ID(value) -> str:
+    """An identifier: a JSON string or integer, as a string."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"a string or an integer, got {_describe(value)}")
+    return str(value)
+
+
+def TEXTS(value) -> list[str]:
+    """A JSON list of strings (a bare string is refused, not split into characters)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"a list of strings, got {_describe(value)}")
+    return value
+
+
+def decode_record(data: bytes, schema: dict, optional: dict | None = None) -> dict:
+    """A JSON object whose ``schema`` keys are present and of their types (``{key: TEXT | ID |
+    TEXTS}``, each a function that returns the value or raises ``TypeError``), as are those of
+    ``optional`` that are present; only these keys, converted. :class:`SkipSample` ``bad_json``
+    names the first key that is missing or of the wrong type."""
+    record = decode_json(data, *schema)
+    out = {}
+    for key, kind in (*schema.items(), *(optional or {}).items()):
+        if key not in record:
+            continue
+        try:
+            out[key] = kind(record[key])
+        except TypeError as e:
+            raise SkipSample("bad_json", f"{key!r} must be {e}") from None
+    return out
 
 
 class SkipCounter:

@@ -65,9 +65,13 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _need(record: dict, path: Path, line_no: int, *keys: str) -> None:
-    missing = [k for k in keys if k not in record]
+    """Every key present and not null (a CSV row with fewer cells than the header gives None)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_no}: not a JSON object but {type(record).__name__}")
+    missing = [k for k in keys if record.get(k) is None]
     if missing:
-        raise ValueError(f"{path}:{line_no}: record lacks {missing}; it has {sorted(record)}")
+        raise ValueError(f"{path}:{line_no}: record lacks {missing} (absent, null or an empty trailing CSV cell); "
+                         f"it has {sorted(k for k in record if k is not None and record[k] is not None)}")
 
 
 def caption_pairs(path: str | Path, image_root: str | Path | None = None, *, image_column: str = "image",

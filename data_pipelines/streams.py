@@ -1,9 +1,9 @@
 """Reading shards: a deterministic, splittable, resumable webdataset stream.
 
-:class:`ShardStream` is an ``IterableDataset`` built from webdataset's tar reader
-(``url_opener`` -> ``tar_file_expander`` -> ``group_by_keys``) and shuffle buffer, with the
-splitting done here explicitly instead of by webdataset's defaults (whose ``single_node_only``
-raises as soon as ``WORLD_SIZE`` > 1):
+:class:`ShardStream` is an ``IterableDataset`` over webdataset shards (:func:`tar_samples`:
+consecutive tar members sharing a key make a sample) with a shuffle buffer, with the splitting
+done here explicitly instead of by webdataset's defaults (whose ``single_node_only`` raises as
+soon as ``WORLD_SIZE`` > 1):
 
 - ``resampled=True`` (training): each (rank, worker) draws shards with replacement, weighted
   per shard set, from its own seed, and yields exactly ``epoch_batches`` batches per epoch, so
@@ -31,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import signal
+import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +41,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
 
 from .shards import shard_urls
 from .skips import SkipCounter, SkipSample, decode_json, decode_text
@@ -157,15 +158,16 @@ class ShardStream(IterableDataset):
                 fruitless[0] = 0
                 yield sample
 
-        samples = counted(tar_samples(urls(), skips))
         if self.resampled:
+            samples = counted(tar_samples(urls(), skips))
             if self.shuffle_buffer > 1:
                 shuffle_rng = random.Random(derive_seed(self.seed, epoch, rank, worker, 1))
                 yield from _shuffled(samples, self.shuffle_buffer, shuffle_rng)
             else:
                 yield from samples
-        else:
+        else:  # every slot reads every tar; the first alone counts what is wrong with the tars
             slot, slots = rank * workers + worker, world * workers
+            samples = counted(tar_samples(urls(), skips if slot == 0 else SkipCounter(log_every=10**9)))
             yield from (s for i, s in enumerate(samples) if i % slots == slot)
 
     def __iter__(self) -> Iterator:
@@ -240,16 +242,57 @@ def _carrying_skips(batches: Iterator, skips: SkipCounter) -> Iterator:
         yield held
 
 
-def tar_samples(urls: Iterable[str], skips: SkipCounter) -> Iterator[dict]:
-    """Samples (dicts of raw bytes plus ``__key__`` and ``__url__``) of the tars at ``urls``, by
-    webdataset's reader; an unreadable or truncated tar is counted as ``truncated_tar`` and
-    the stream goes on with the next one."""
-    def handler(exn: Exception) -> bool:
-        skips.add(SkipSample("truncated_tar", str(exn)[:200]))
-        return True
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's naming: <key>.<field>, key up to the first dot
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
-    opened = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
-    return tariterators.group_by_keys(tariterators.tar_file_expander(opened, handler=handler), handler=handler)
+
+def tar_samples(urls: Iterable[str], skips: SkipCounter) -> Iterator[dict]:
+    """Samples (dicts of raw bytes per field, plus ``__key__`` and ``__url__``) of the
+    webdataset tars at ``urls``: consecutive members named ``<key>.<field>`` make one sample.
+
+    A tar that cannot be read, or ends inside a member or before its end-of-archive blocks, is
+    counted once as ``truncated_tar`` and the stream goes on with the next one (the sample it
+    was inside is dropped with it); a sample holding a field twice is skipped as
+    ``duplicate_field``. Names starting with ``__`` (webdataset's metadata) are ignored.
+    """
+    for url in urls:
+        yield from _tar_file_samples(url, skips)
+
+
+def _tar_file_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
+    sample: dict | None = None
+    duplicate = None
+    try:
+        with open(url, "rb") as f:
+            head = f.read(6)
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    found = _MEMBER.match(member.name)
+                    if not member.isreg() or found is None or re.match(r"__[^/]*__($|/)", member.name):
+                        continue
+                    key, field = found.group(1), found.group(2).lower()
+                    if sample is None or sample["__key__"] != key:  # the previous sample is complete
+                        if sample is not None and duplicate is None:
+                            yield sample
+                        sample, duplicate = {"__key__": key, "__url__": url}, None
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"{member.name} ends after {len(data)} of its {member.size} bytes")
+                    if field in sample and duplicate is None:
+                        duplicate = field
+                        skips.add(SkipSample("duplicate_field", f"{field} of {key} twice"), where=url)
+                    sample[field] = data
+                end = tar.offset
+            if not head.startswith(_COMPRESSED):  # a plain tar ends with a zero block where the members end
+                f.seek(end)
+                if f.read(512) != bytes(512):
+                    raise tarfile.ReadError(f"it ends at byte {end} without the end-of-archive blocks")
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exn:
+        skips.add(SkipSample("truncated_tar", f"{url}: {exn}"[:300]))
+        return
+    if sample is not None and duplicate is None:
+        yield sample
 
 
 def shard_texts(inputs: list[str]) -> Iterator[str]:

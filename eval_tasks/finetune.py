@@ -3,6 +3,9 @@ and the training and evaluation streams."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+
 import torch.distributed as dist
 from torch import nn
 
@@ -13,7 +16,7 @@ from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
 from multimodal_moe.tasks.base import Task, TaskConfig, data_path
 from multimodal_moe.tasks.streams import SingleStream, TextStreamConfig, TokenizerConfig
 
-__all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig", "gather_lists", "is_main_rank"]
+__all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig", "gather_counts", "gather_lists", "is_main_rank"]
 
 
 def gather_lists(*lists: list) -> tuple[list, ...]:
@@ -23,6 +26,14 @@ def gather_lists(*lists: list) -> tuple[list, ...]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, lists)
     return tuple([x for rank in gathered for x in rank[i]] for i in range(len(lists)))
+
+
+def gather_counts(counts: Counter) -> dict[str, int]:
+    """``counts`` summed over the ranks, on every rank."""
+    total: Counter = Counter()
+    for rank_counts in gather_lists([dict(counts)])[0]:
+        total.update(rank_counts)
+    return dict(sorted(total.items()))
 
 
 def is_main_rank() -> bool:
@@ -82,9 +93,12 @@ class ImageTextFinetune(Task):
         return SingleStream(self.cfg.kind, self.cfg.train.loader(self.processor(True), seed=derive_seed(seed, 0),
                                                                   num_workers=num_workers, pin_memory=pin_memory))
 
-    def eval_batches(self, num_workers: int = 0) -> StreamLoader:
+    def eval_batches(self, num_workers: int = 0, skipped: Counter | None = None) -> Iterator:
         """One pass over ``eval_shards`` (this rank's share under torchrun: gather the results
-        with :func:`gather_lists`)."""
+        with :func:`gather_lists`); the samples skipped are added to ``skipped`` per reason."""
         stream = ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self.processor(False),
                              batch_size=self.cfg.eval_batch_size, resampled=False)
-        return StreamLoader(stream, num_workers=num_workers)
+        for batch in StreamLoader(stream, num_workers=num_workers):
+            if skipped is not None:
+                skipped.update(batch.skipped)
+            yield batch

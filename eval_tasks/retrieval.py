@@ -19,6 +19,7 @@ BEiT-3 (arXiv 2208.10442), section 3.2, and unilm's ``beit3`` retrieval handler:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.streams import TextStreamConfig
 
-from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_lists, is_main_rank
+from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 from .retrieval_metric import retrieval_recall
 
 __all__ = ["Retrieval", "RetrievalConfig", "chance_recall", "clip_loss"]
@@ -149,8 +150,8 @@ class Retrieval(ImageTextFinetune):
         ``out_dir/plots/retrieval_recall.png``."""
         self.eval()
         device = next(self.parameters()).device
-        image_ids, image_rows, caption_owners, text_rows = [], [], [], []
-        for batch in self.eval_batches(num_workers):
+        image_ids, image_rows, caption_owners, text_rows, skipped = [], [], [], [], Counter()
+        for batch in self.eval_batches(num_workers, skipped):
             batch = batch.to(device)
             image_BE, _ = self.encode_images(batch.images_B3HW)
             text_NE, _ = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
@@ -168,7 +169,8 @@ class Retrieval(ImageTextFinetune):
         text_NE, owner_N = torch.stack(text_rows), torch.tensor([row_of[i] for i in caption_owners])
         report = retrieval_recall(image_IE, text_NE, owner_N, ks=KS)
         report.update(images=image_IE.shape[0], captions=text_NE.shape[0],
-                      baselines={"chance": chance_recall(owner_N, image_IE.shape[0])})
+                      baselines={"chance": chance_recall(owner_N, image_IE.shape[0])},
+                      skipped_samples=gather_counts(skipped))
         if out_dir is not None and is_main_rank():
             curves = retrieval_recall(image_IE, text_NE, owner_N, ks=range(1, 11))
             _plot_recall(curves, Path(out_dir) / "plots" / "retrieval_recall.png")

@@ -30,16 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.batches import VQABatch
-from data_pipelines.processors import VQAProcessor
+from data_pipelines.processors import VQAProcessor, read_vqa_record
 from data_pipelines.shards import shard_urls
-from data_pipelines.skips import SkipCounter, decode_json
+from data_pipelines.skips import SkipCounter, SkipSample
 from data_pipelines.streams import tar_samples
 from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
 from multimodal_moe.tasks.streams import TextStreamConfig
 
-from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_lists, is_main_rank
+from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
 __all__ = ["VQA", "VQAConfig", "answer_vocab", "build_answer_vocab"]
@@ -49,12 +49,15 @@ def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
     """The normalised majority answer of each question in ``shards``, kept if it is the majority
     answer of at least ``min_count`` questions; most frequent first, ties alphabetical."""
     counts: Counter[str] = Counter()
+    skips = SkipCounter()  # what training skips, the vocabulary skips (and logs) too
     for shard_set in shards:
-        for sample in tar_samples(shard_urls(str(data_path(shard_set))), SkipCounter()):
-            if "json" not in sample:
+        for sample in tar_samples(shard_urls(str(data_path(shard_set))), skips):
+            try:
+                record = read_vqa_record(sample)
+            except SkipSample as skip:
+                skips.add(skip, where=f"{sample.get('__url__')}:{sample.get('__key__')}")
                 continue
-            record = decode_json(sample["json"], "answers")
-            answers = [normalize_answer(str(a)) for a in record["answers"]]
+            answers = [normalize_answer(a) for a in record["answers"]]
             if answers:
                 counts[Counter(answers).most_common(1)[0][0]] += 1
     return sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
@@ -154,8 +157,8 @@ class VQA(ImageTextFinetune):
         accuracy per question type to ``out_dir/plots/vqa_accuracy_per_type.png`` (rank 0)."""
         self.eval()
         device = next(self.parameters()).device
-        predictions, answers, types, ids = [], [], [], []
-        for batch in self.eval_batches(num_workers):
+        predictions, answers, types, ids, skipped = [], [], [], [], Counter()
+        for batch in self.eval_batches(num_workers, skipped):
             logits_BA, _ = self.logits(batch.to(device))
             predictions += [self.answers[i] for i in logits_BA.argmax(1).tolist()]
             answers += batch.answers
@@ -164,6 +167,7 @@ class VQA(ImageTextFinetune):
         predictions, answers, types, ids = gather_lists(predictions, answers, types, ids)
         report = vqa_report(predictions, answers, types)
         report["baselines"] = vqa_baselines(answers, self.answers)
+        report["skipped_samples"] = gather_counts(skipped)
         if out_dir is not None and is_main_rank():
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
