@@ -178,26 +178,36 @@ def test_torchrun_pretrain_with_expert_parallelism(tmp_path):
     assert experts.shape[0] == 4  # gathered whole from both ranks' halves
 
 
-def test_torchrun_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
-    """torchrun forwards SIGTERM to its workers; they agree on the step, checkpoint it, stop."""
+@pytest.mark.parametrize("target", ["torchrun", "process group"])
+def test_torchrun_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, target):
+    """torchrun forwards SIGTERM to its workers; they agree on the step, checkpoint it, stop.
+    Signalled as a whole process group (Slurm's preemption), the loader workers leave it to
+    their rank. torchrun itself then exits 1 with its own SignalException: its behaviour."""
     from tests.test_training import wait_for_step
 
     torchrun = Path(sys.executable).parent / "torchrun"
     run = tmp_path / "run"
+    workers = 2 if target == "process group" else 0
     args = [str(torchrun), "--standalone", f"--nproc_per_node={WORLD}", "-m", "multimodal_moe.cli", "pretrain",
             "--config", "lm/debug", "--run-dir", str(run), "--no-progress",
-            *[f"--set={o}" for o in (*BASE, "train.steps=1000", "train.checkpoint_every=1000")]]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            *[f"--set={o}" for o in (*BASE, "train.steps=1000", "train.checkpoint_every=1000",
+                                     f"train.num_workers={workers}")]]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for_step(run, 4, proc, timeout=180)
-        proc.send_signal(signal.SIGTERM)
+        if target == "torchrun":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     state = torch.load(run / "checkpoints" / "latest" / "state.pt", weights_only=True)
     assert 4 <= state["step"] < 1000 and state["world"] == 2 and len(state["per_rank"]) == 2
     assert err.count(f"stopped by SIGTERM after step {state['step']}") == 1, err[-3000:]  # rank 0 reports
+    assert "exited unexpectedly" not in err and "DataLoader worker" not in err, err[-3000:]
+    assert err.count("Traceback") == err.count("SignalException: Process"), err[-3000:]  # torchrun's own only
 
 
 def evaluate_on_rank(rank: int, preset: str, out: Path) -> None:
