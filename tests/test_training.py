@@ -258,6 +258,11 @@ def test_resuming_a_finished_run_says_so(tmp_path, capsys):
     assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", "--resume",
                  *sets]) == 0
     assert "has already finished its 4 steps; nothing to do" in capsys.readouterr().err
+    sets = [f"--set={o}" for o in (*LM_FAST, "train.steps=6")]  # a grown train.steps trains on
+    assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", "--resume",
+                 *sets]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+    assert Checkpoint.open(tmp_path / "checkpoints").training_state()["step"] == 6
 
 
 def test_a_flipped_bit_in_a_checkpoint_is_caught_and_an_intact_one_resumed(tmp_path):
