@@ -193,9 +193,9 @@ class RetrievalProcessor:
 
     def __call__(self, sample: dict, seed: int) -> tuple:
         record = decode_record(_field(sample, "json"), RETRIEVAL_RECORD)
-        captions = [c for c in record["captions"] if c.strip()]
+        captions = [c for c in record["captions"] if self.tokenizer.encode(c)]  # training draws among these
         if not captions:
-            raise SkipSample("empty_text", "no caption that is not blank")
+            raise SkipSample("empty_text", "no caption with a token")
         if not self.all_captions:
             captions = [random.Random(seed).choice(captions)]
         seqs = [self.tokenizer.encode_for_model(c, self.max_len) for c in captions]

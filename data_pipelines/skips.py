@@ -93,12 +93,12 @@ def TEXTS(value) -> list[str]:
 def decode_record(data: bytes, schema: dict, optional: dict | None = None) -> dict:
     """A JSON object whose ``schema`` keys are present and of their types (``{key: TEXT | ID |
     TEXTS}``, each a function that returns the value or raises ``TypeError``), as are those of
-    ``optional`` that are present; only these keys, converted. :class:`SkipSample` ``bad_json``
-    names the first key that is missing or of the wrong type."""
+    ``optional`` that are present and not null; only these keys, converted. :class:`SkipSample`
+    ``bad_json`` names the first key that is missing or of the wrong type."""
     record = decode_json(data, *schema)
     out = {}
     for key, kind in (*schema.items(), *(optional or {}).items()):
-        if key not in record:
+        if key not in record or (key not in schema and record[key] is None):
             continue
         try:
             out[key] = kind(record[key])
@@ -113,9 +113,12 @@ class SkipCounter:
     def __init__(self, log_every: int = 1000):
         self.counts: Counter[str] = Counter()
         self.log_every = log_every
+        self.muted = False  # while a resumed stream passes over what it had read: counted then
         self._unreported: Counter[str] = Counter()
 
     def add(self, skip: SkipSample, where: str = "") -> None:
+        if self.muted:
+            return
         self.counts[skip.reason] += 1
         self._unreported[skip.reason] += 1
         n = self.counts[skip.reason]

@@ -107,8 +107,13 @@ def vqa_records(path: str | Path, image_root: str | Path | None = None) -> Itera
         _need(record, path, line_no, "image", "question", "answers")
         if not isinstance(record["answers"], list) or not record["answers"]:
             raise ValueError(f"{path}:{line_no}: answers must be a non-empty list, got {record['answers']!r}")
-        meta = {"question_id": record.get("question_id", line_no), "question": record["question"],
-                "answers": [str(a) for a in record["answers"]], "question_type": record.get("question_type", ""),
+        question_id, question_type = record.get("question_id", line_no), record.get("question_type") or ""
+        if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
+            raise ValueError(f"{path}:{line_no}: question_id must be an integer or a string, got {question_id!r}")
+        if not isinstance(question_type, str) or not isinstance(record["question"], str):
+            raise ValueError(f"{path}:{line_no}: question and question_type must be strings")
+        meta = {"question_id": question_id, "question": record["question"],
+                "answers": [str(a) for a in record["answers"]], "question_type": question_type,
                 "image_id": str(record.get("image_id", Path(record["image"]).stem))}
         yield safe_key(f"q{meta['question_id']}"), {**image_field(root / record["image"]), "json": meta}
 

@@ -193,9 +193,13 @@ class ShardStream(IterableDataset):
         if self._epoch_done(pos):  # resumed at the end of an epoch
             return
         raw = self._raw_samples(rank, world, worker, workers, pos.epoch, skips)
-        for _ in range(pos.drawn):  # resume: pass over what was drawn before, without decoding
-            if next(raw, None) is None:
-                return
+        skips.muted = True  # resume: pass over what was drawn before, without decoding or counting again
+        try:
+            for _ in range(pos.drawn):
+                if next(raw, None) is None:
+                    return
+        finally:
+            skips.muted = False
         yield from _carrying_skips(self._batches(raw, rank, worker, pos, skips), skips)
 
     def _batches(self, raw: Iterator[dict], rank: int, worker: int, pos: _Position,
@@ -250,8 +254,8 @@ def tar_samples(urls: Iterable[str], skips: SkipCounter) -> Iterator[dict]:
     """Samples (dicts of raw bytes per field, plus ``__key__`` and ``__url__``) of the
     webdataset tars at ``urls``: consecutive members named ``<key>.<field>`` make one sample.
 
-    A tar that cannot be read, or ends inside a member or before its end-of-archive blocks, is
-    counted once as ``truncated_tar`` and the stream goes on with the next one (the sample it
+    A tar that cannot be read, or ends inside a member or (a plain, uncompressed tar) before its
+    end-of-archive blocks, is counted once as ``truncated_tar`` and the stream goes on with the next one (the sample it
     was inside is dropped with it); a sample holding a field twice is skipped as
     ``duplicate_field``. Names starting with ``__`` (webdataset's metadata) are ignored.
     """

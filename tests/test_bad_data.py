@@ -57,7 +57,7 @@ RETRIEVAL_FAULTS = {
     "captions_int": ({"image_id": "x1", "captions": 5}, "bad_json"),
     "captions_str": ({"image_id": "x2", "captions": "a caption split into characters"}, "bad_json"),
     "captions_mixed": ({"image_id": "x3", "captions": ["a caption", 7]}, "bad_json"),
-    "captions_blank": ({"image_id": "x4", "captions": [" ", ""]}, "empty_text"),
+    "captions_blank": ({"image_id": "x4", "captions": [" ", "", "\u200b"]}, "empty_text"),
     "no_id": ({"captions": ["a caption"]}, "bad_json"),
 }
 
@@ -179,3 +179,34 @@ def test_a_csv_row_without_a_caption_is_an_error_naming_its_line(tmp_path, capsy
     assert code == 2
     assert "pairs.csv:3: record lacks ['caption'] (absent, null or an empty trailing CSV cell)" in \
         capsys.readouterr().err
+
+
+def test_what_write_shards_writes_for_vqa_training_reads(tmp_path, capsys):
+    """A null question_type (common in VQA dumps) is written as "", and every written record is
+    read by training and inspect; an id that is neither an integer nor a string stops the
+    writer at its line (before: written, then skipped by the typed reader)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "what?", "answers": ["one"] * 10, "question_type": None},
+            {"image": "a.png", "question": "and?", "answers": ["two"] * 10, "question_id": "q-7"}]
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "write-shards", "vqa", str(tmp_path / "vqa.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    report = inspect_shards([str(tmp_path / "out")])
+    assert report["kind"] == "vqa" and report["samples"] == 2 and report["skipped"] == {}
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[0], "question_id": 3.0}) + "\n")
+    assert main(["data", "write-shards", "vqa", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad")]) == 2
+    assert "bad.jsonl:1: question_id must be an integer or a string, got 3.0" in capsys.readouterr().err
+
+
+def test_a_caption_without_tokens_does_not_drop_its_image():
+    """Evaluation and inspect read every caption, training draws one: a caption that tokenises to
+    nothing (a zero-width space) is left out of both, so both keep the image for its other ones."""
+    from data_pipelines.images import eval_transform
+    from data_pipelines.processors import RetrievalProcessor
+    from data_pipelines.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(data_path("bundled:tokenizer.model"))
+    sample = with_json(bundled("retrieval/train", 1)[0], "x", {"image_id": "x", "captions": ["\u200b", "a cat"]})
+    for all_captions in (True, False):
+        for seed in range(4):
+            seqs = RetrievalProcessor(tokenizer, eval_transform(16), all_captions=all_captions)(sample, seed)[3]
+            assert len(seqs) == 1 and len(seqs[0]) > 2

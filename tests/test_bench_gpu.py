@@ -66,10 +66,10 @@ def test_unknown_sections_and_presets_are_named(capsys):
 
 @pytest.mark.parametrize(("preset", "expert_params", "share"), [
     ("lm/debug", 0, 1.0),
-    ("lm/xmoe_debug", 4 * 2 * 64 * 64, 1 / 4),  # top-1 of 4 GELU experts 64 -> 64
-    ("lm/openmoe_debug", 4 * 3 * 64 * 64, 2 / 4),  # top-2 of 4 SwiGLU experts
-    ("lm/mhmoe_debug", 4 * 2 * 16 * 64, 4 * 1 / 4),  # 4 sub-tokens of width 16, each top-1 of 4
-    ("lm/mot_debug", 4 * 2 * 64 * 64, 1 / 2),  # every expert once per mixture of 2 tokens
+    ("lm/xmoe_debug", 8 * 3 * 64 * 128, 1 / 8),  # top-1 of 8 SwiGLU experts 64 -> 128
+    ("lm/openmoe_debug", 8 * 3 * 64 * 64, 2 / 8),  # top-2 of 8 SwiGLU experts 64 -> 64
+    ("lm/mhmoe_debug", 8 * 3 * 16 * 128, 4 * 1 / 8),  # 4 sub-tokens of width 16, each top-1 of 8
+    ("lm/mot_debug", 8 * 3 * 64 * 32, 1 / 2),  # every expert once per mixture of 2 tokens
 ])
 def test_active_parameters_count_the_experts_a_token_uses(preset, expert_params, share):
     model = mm.build_model(mm.load_config(preset))  # tied embeddings: the output projection counts once

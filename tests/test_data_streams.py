@@ -202,6 +202,31 @@ def test_resumed_loader_continues_with_the_same_batches(tmp_path, tokenizer, wor
         StreamLoader(first.stream, num_workers=3).load_state_dict(state)
 
 
+def test_a_resumed_loader_counts_skips_as_the_uninterrupted_one(tmp_path, tokenizer):
+    """Passing over what it had read, a resumed stream does not count that part's bad tars again."""
+    path = write_pairs(tmp_path / "pairs", 10, maxcount=3)
+    whole = (path / "shard-000000.tar").read_bytes()
+    (path / "shard-000009.tar").write_bytes(whole[:len(whole) // 2])  # a truncated shard among them
+
+    def loader():
+        return StreamLoader(ShardStream(path, pair_processor(tokenizer), batch_size=2, epoch_batches=50,
+                                        shuffle_buffer=0, seed=3), num_workers=0)
+
+    def skipped(batches) -> Counter:
+        return sum((Counter(b.skipped) for b in batches), Counter())
+
+    first = loader()
+    it = iter(first)
+    before = skipped(next(it) for _ in range(12))
+    state = first.state_dict()
+    expected = skipped(next(it) for _ in range(12))
+    resumed = loader()
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert before["truncated_tar"] > 0 and expected["truncated_tar"] > 0
+    assert skipped(next(it) for _ in range(12)) == expected
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_lm_stream_packs_documents_and_resumes_mid_document(tmp_path, tokenizer, workers):
     with ShardSink(tmp_path / "docs", "text", maxcount=4) as sink:

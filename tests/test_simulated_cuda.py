@@ -31,8 +31,8 @@ def _moe(ffn: str, *extra: str) -> list[str]:
 
 # (an override merges into the preset's moe_ffn, so each spells out what it differs in)
 _TOPK = "kind: topk_moe, hidden_dim: 64, num_experts: 4, top_k: 2, router: softmax, renormalize: false"
-_XMOE = "kind: topk_moe, hidden_dim: 64, num_experts: 4, top_k: 1, router: xmoe, renormalize: true"
-_MH_MOE = "kind: mh_moe, heads: 4, hidden_dim: 64, num_experts: 4, top_k: 1, router: xmoe, renormalize: true"
+_XMOE = "kind: topk_moe, hidden_dim: 64, num_experts: 4, top_k: 1, router: xmoe, renormalize: false"
+_MH_MOE = "kind: mh_moe, heads: 4, hidden_dim: 64, num_experts: 4, top_k: 1, router: xmoe, renormalize: false"
 _PAPER = ("model.layout=paper", "model.vl_ffn_layers=1")
 # model overrides for any debug-size encoder preset: every FFN kind, in its debug preset's shape
 ENCODER_FFNS = {

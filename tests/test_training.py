@@ -59,7 +59,7 @@ def test_loss_falls_on_the_bundled_data(tmp_path, preset):
     if preset == "lm/xmoe_debug":
         moe = records[-1]["moe"]
         assert set(moe) == {"layer1.shared"}
-        assert len(moe["layer1.shared"]["load"]) == 4 and sum(moe["layer1.shared"]["load"]) == pytest.approx(1, 1e-3)
+        assert len(moe["layer1.shared"]["load"]) == 8 and sum(moe["layer1.shared"]["load"]) == pytest.approx(1, 1e-3)
         assert 0 <= moe["layer1.shared"]["dropped_fraction"] <= 1
 
 
@@ -247,6 +247,26 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
             RunLock(tmp_path)
         trainer.fit()
     RunLock(tmp_path).release()  # released when the run closed
+    with pytest.raises(FileExistsError) as failed:  # a fresh run into it, refused after taking the lock
+        Trainer(cfg, tmp_path, progress=False)
+    RunLock(tmp_path).release()  # released although the traceback (and the Trainer in it) lives on
+    assert failed.value is not None
+
+
+def test_a_filesystem_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """NFS without lockd, Lustre mounted noflock (before: a raw OSError, no training at all)."""
+    import errno
+    import fcntl
+
+    from multimodal_moe.training.run_lock import RunLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"):
+        RunLock(tmp_path).release()
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
 
 
 def test_resuming_a_finished_run_says_so(tmp_path, capsys):
@@ -269,7 +289,7 @@ def test_a_flipped_bit_in_a_checkpoint_is_caught_and_an_intact_one_resumed(tmp_p
     """Every checkpoint file's CRC-32 is checked when it is read: a corrupt newest checkpoint
     names its file (before: it loaded, and the run diverged), and --resume=latest-intact
     continues from the newest intact one, as exactly as from any checkpoint."""
-    cfg = config("lm/debug", "train.steps=8", "train.checkpoint_every=4")
+    cfg = config("lm/debug", "train.steps=8", "train.checkpoint_every=4", "train.keep_checkpoints=2")
     reference = train(cfg, tmp_path / "reference", progress=False)
     train(cfg, tmp_path / "run", progress=False)
     newest = tmp_path / "run" / "checkpoints" / "step_0000008" / "model.safetensors"
@@ -284,6 +304,9 @@ def test_a_flipped_bit_in_a_checkpoint_is_caught_and_an_intact_one_resumed(tmp_p
     assert resumed.step == 8
     assert comparable(read_records(tmp_path / "run")) == comparable(read_records(tmp_path / "reference"))
     assert reference.step == 8 and mm.load_checkpoint(tmp_path / "run") is not None  # step 8 written anew
+    # the corrupt one was set aside, so making room for step 8 could not delete step 4, the only intact one
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
+        ["corrupt-step_0000008", "latest", "step_0000004", "step_0000008"]
 
 
 def test_a_full_disk_leaves_the_previous_checkpoints_and_says_where(tmp_path, monkeypatch):
@@ -369,6 +392,29 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MaskedDataModeling, "forward", forward)  # the cause fixed (a lower lr, say)
     assert train(cfg, tmp_path, resume=True, progress=False).step == 20  # the streak did not come back with it
+
+
+def test_sigterm_inside_a_bad_streak_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Before: the SIGTERM checkpoint was written whatever the step, bad streak included."""
+    from multimodal_moe.training import TrainingStopped
+
+    forward, calls = MaskedDataModeling.forward, {"n": 0}
+
+    def poison(self, batch):
+        out = forward(self, batch)
+        calls["n"] += 1
+        if calls["n"] >= 5:
+            out.loss = out.loss * float("nan")
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # preempted in the streak of steps 5 on
+        return out
+
+    monkeypatch.setattr(MaskedDataModeling, "forward", poison)
+    cfg = config("beit3/debug", "train.steps=20", "train.max_bad_steps=5", "train.checkpoint_every=4")
+    with pytest.raises(TrainingStopped, match="after step 6; checkpoint .*step_0000004") as stopped:
+        train(cfg, tmp_path, progress=False)
+    assert stopped.value.checkpoint.name == "step_0000004"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000004"]
 
 
 def test_layer_decay_scales_the_learning_rate_per_block():

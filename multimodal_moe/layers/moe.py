@@ -84,7 +84,8 @@ class TopKMoEConfig(FFNConfig):
         top_k: K, experts per token (1..E).
         activation: expert activation; swiglu gives gated experts.
         router: softmax (a linear router) | xmoe (low-dimensional cosine router).
-        renormalize: divide the K chosen gates by their sum.
+        renormalize: divide the K chosen gates by their sum (refused with top_k 1, where it
+            would make every gate 1 and cut the router off from the task loss).
         xmoe_dim: X-MoE routing dimension (16 in the paper and torchscale).
         xmoe_temperature: initial X-MoE temperature.
         learn_temperature: X-MoE temperature is a parameter.
@@ -119,6 +120,11 @@ class TopKMoEConfig(FFNConfig):
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError("top_k", f"must be between 1 and num_experts {self.num_experts}, got {self.top_k}")
+        if self.top_k == 1 and self.renormalize:
+            raise ConfigError("renormalize", "with top_k: 1 a renormalised gate is 1 for every token, so the task loss "
+                                             "never trains the router (only the balance loss does); X-MoE, Switch "
+                                             "and the official MH-MoE code weight the expert by the router's "
+                                             "probability: set renormalize: false")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if isinstance(value, float) and value <= 0:

@@ -78,6 +78,15 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n")
 
 
+def point_latest(root: Path, name: str) -> None:
+    """Point ``root/latest`` at ``name`` atomically (``os.replace`` of a fresh symlink)."""
+    link = root / f".tmp-{LATEST}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(name)
+    os.replace(link, root / LATEST)
+    _fsync(root)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -167,11 +176,7 @@ class CheckpointWriter:
             if final.exists():  # the same step again (a run that ends where it was checkpointed)
                 shutil.rmtree(final)
             os.replace(self.tmp, final)
-            link = self.root / f".tmp-{LATEST}"
-            link.unlink(missing_ok=True)
-            link.symlink_to(self.name)
-            os.replace(link, self.root / LATEST)
-            _fsync(self.root)
+            point_latest(self.root, self.name)
             for old in sorted(p for p in self.root.glob("step_*") if p.is_dir())[:-keep]:
                 if old.name != self.name:
                     shutil.rmtree(old)
@@ -263,6 +268,16 @@ class Checkpoint:
         if missing:
             raise CheckpointError(f"checkpoint {ckpt.path} is incomplete: missing {', '.join(missing)}")
         return ckpt
+
+    def set_aside_newer(self) -> list[str]:
+        """Make this checkpoint the run's ``latest``, renaming every newer ``step_*`` folder to
+        ``corrupt-step_*`` (kept for a look, out of pruning's and the next writes' way); the
+        names set aside. For a resume from an older checkpoint than ``latest``."""
+        newer = sorted(p for p in self.path.parent.glob("step_*") if p.is_dir() and p.name > self.path.name)
+        for path in newer:
+            os.replace(path, path.with_name(f"corrupt-{path.name}"))
+        point_latest(self.path.parent, self.path.name)
+        return [p.name for p in newer]
 
     @classmethod
     def latest_intact(cls, checkpoints_dir: str | Path) -> Checkpoint:

@@ -204,6 +204,8 @@ class MetricsLog:
         line = (json.dumps(_finite(record), allow_nan=False) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)  # one append: a reader never sees half a line but at a crash
+            written = os.write(fd, line)  # one append: a reader never sees half a line but at a crash
+            while written < len(line):  # a short write (a full disk, a signal): the rest, or OSError
+                written += os.write(fd, line[written:])
         finally:
             os.close(fd)

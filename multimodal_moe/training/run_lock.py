@@ -2,13 +2,17 @@
 
 A run holds an exclusive ``flock`` on ``<run-dir>/.lock`` for as long as its process lives;
 the kernel drops the lock when the process ends in any way (SIGKILL included), so no stale
-lock is ever left behind. The file records the holder's pid and host, which a refused second
+lock is ever left behind. Forked loader workers share the lock and exit within seconds of their
+parent's death, so after a SIGKILL it may take that long to be free. On a filesystem that
+cannot lock (NFS without lockd, Lustre mounted ``noflock``) the run goes on unlocked, with a
+warning. The file records the holder's pid and host, which a refused second
 writer is told.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,6 +20,7 @@ from pathlib import Path
 __all__ = ["RunDirLocked", "RunLock"]
 
 LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 class RunDirLocked(RuntimeError):
@@ -42,6 +47,12 @@ class RunLock:
             self._fd = None
             raise RunDirLocked(f"{run_dir} is in use by {holder}; wait for it to finish (or stop it) before "
                                f"writing to this run dir, or choose another --run-dir") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: this filesystem has no working flock
+            log.warning("cannot lock %s (%s); training on without the lock, so a second writer would not be "
+                        "refused", self.path, e.strerror or e)
+            os.close(self._fd)
+            self._fd = None
+            return
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 

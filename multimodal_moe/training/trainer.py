@@ -62,10 +62,12 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """SIGTERM (a scheduler's preemption) arrived: the run stopped after the step it was in and
-    wrote a checkpoint of that step to resume from."""
+    wrote a checkpoint of that step to resume from (inside a bad streak: named the last good one)."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {checkpoint}; continue with --resume")
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {checkpoint}; continue with --resume"
+                         if checkpoint is not None else f"stopped by SIGTERM after step {step}, inside a streak of "
+                         f"non-finite steps before any checkpoint: none written; start the run again")
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -218,11 +220,24 @@ class Trainer:
             cfg.task.check_data()
         self.env = env = init_distributed(tc.device)
         self.lock = self._lock_run_dir()
+        try:
+            self._set_up(cfg, resume, init)
+        except BaseException:  # not held on by a traceback kept alive (a notebook's, say)
+            self.close()
+            raise
+
+    def _set_up(self, cfg: Config, resume: bool | str, init: str | Path | None) -> None:
+        tc, env = self.tc, self.env
         checkpoint = None
         if resume:
             checkpoint = Checkpoint.latest_intact(self.ckpt_dir) if resume == "latest-intact" else \
                 Checkpoint.open(self.ckpt_dir)
             checkpoint.verify()
+            if resume == "latest-intact":
+                env.gather(None)  # every rank has chosen before rank 0 renames what it passed over
+                if env.is_main and (aside := checkpoint.set_aside_newer()):
+                    print(f"set aside as corrupt-*: {', '.join(aside)}; continuing from {checkpoint.path.name}",
+                          file=sys.stderr)
         if not resume and any(self.ckpt_dir.glob("step_*")):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
                                   f"or choose a new --run-dir")
@@ -398,9 +413,22 @@ class Trainer:
                     if record is not None and record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
                 if self.stop_requested and self.step < tc.steps:
-                    raise TrainingStopped(self.step, self.ckpt_dir / step_dir_name(self.step) if saved
-                                          else self.save())
+                    raise TrainingStopped(self.step, self._stop_checkpoint(saved))
+        if self.bad_in_a_row and self.env.is_main:
+            print(f"mmoe: the last {self.bad_in_a_row} steps had a non-finite loss or gradient, so no checkpoint "
+                  f"was written after them; the newest is {self._newest_checkpoint()}", file=sys.stderr)
         return TrainResult(self.run_dir, self.step, records)
+
+    def _newest_checkpoint(self) -> Path | None:
+        latest = self.ckpt_dir / "latest"
+        return latest.resolve() if latest.exists() else None
+
+    def _stop_checkpoint(self, saved: bool) -> Path | None:
+        """The checkpoint a SIGTERM-stopped run resumes from: this step's, unless the step is in a
+        bad streak (then the last good one, if any)."""
+        if saved:
+            return self.ckpt_dir / step_dir_name(self.step)
+        return self._newest_checkpoint() if self.bad_in_a_row else self.save()
 
     def _record(self, elapsed: float) -> dict[str, Any]:
         """This log interval's line: the mean over ranks of every number, summed throughput."""
