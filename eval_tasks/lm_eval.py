@@ -24,6 +24,7 @@ from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, decode_text
 from data_pipelines.streams import tar_samples
 from data_pipelines.tokenizer import Tokenizer
+from multimodal_moe.layers import MixtureOfTokensConfig
 from multimodal_moe.tasks.base import data_path
 
 __all__ = ["multiple_choice", "perplexity", "read_documents"]
@@ -39,16 +40,27 @@ def read_documents(shards: Iterable[str]) -> list[str]:
     return docs
 
 
+def _batch_multiple(model) -> int:
+    """The multiple of rows a batch of ``model`` needs: the group sizes of its Mixture-of-Tokens
+    layers (1 without any)."""
+    sizes = [m.cfg.group_size for m in model.modules() if isinstance(getattr(m, "cfg", None), MixtureOfTokensConfig)]
+    return math.lcm(1, *sizes)
+
+
 @torch.no_grad()
 def _token_logprobs(model, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
-    """For each row of ids, the log-probability of each of its tokens after the first."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    """For each row of ids, the log-probability of each of its tokens after the first. Padding
+    is masked (so it takes no expert capacity and no share of a mixture of tokens), and rows of
+    padding fill the batch up to a multiple of the model's Mixture-of-Tokens group size."""
+    length, multiple = max(len(r) for r in rows), _batch_multiple(model)
+    ids = torch.full((-(-len(rows) // multiple) * multiple, length), pad_id, dtype=torch.long)
+    padding = torch.ones(ids.shape, dtype=torch.bool)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
+        padding[i, :len(r) - 1] = False  # the inputs: every token but the last
     device = next(model.parameters()).device
-    ids = ids.to(device)
-    logp = F.log_softmax(model.logits(model(ids[:, :-1]).hidden).float(), dim=-1)
+    ids, padding = ids.to(device), padding.to(device)
+    logp = F.log_softmax(model.logits(model(ids[:, :-1], padding[:, :-1]).hidden).float(), dim=-1)
     picked = logp.gather(2, ids[:, 1:, None]).squeeze(2).cpu()
     return [picked[i, :len(r) - 1] for i, r in enumerate(rows)]
 

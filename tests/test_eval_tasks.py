@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -186,8 +187,27 @@ def test_lm_perplexity_and_multiple_choice_against_a_token_loop(tmp_path):
         multiple_choice(model, tok, path)
 
 
-def test_evaluate_an_lm_checkpoint(tmp_path, capsys):
-    assert main(["pretrain", "--config", "lm/debug", "--run-dir", str(tmp_path), "--no-progress", *FAST,
+@pytest.mark.parametrize("preset, overrides", [("lm/mot_debug", []),
+                                               ("lm/openmoe_debug", ["model.moe_ffn.eval_capacity_factor=0.5"])])
+def test_lm_scores_ignore_padding_and_fill_mixture_of_tokens_groups(preset, overrides):
+    """Before: a MoT model failed on a batch of 9 rows (groups of 2), and padding was mixed into
+    real tokens (MoT) or took expert capacity (capacity-limited top-k)."""
+    from eval_tasks.lm_eval import _token_logprobs, perplexity
+
+    task = build_task(mm.load_config(preset, overrides))
+    model, tok = task.model.eval(), task.tokenizer
+    rows = [[tok.bos_id, *tok.encode(text)] for text in ("one two three four five", "red", "the lazy dog")]
+    scores = [_token_logprobs(model, rows, pad_id) for pad_id in (tok.pad_id, 7, 1234)]
+    for other in scores[1:]:  # what fills the padding changes nothing
+        assert all(torch.equal(a, b) for a, b in zip(scores[0], other))
+    assert [len(s) for s in scores[0]] == [len(r) - 1 for r in rows]
+    got = perplexity(model, tok, ["the quick brown fox jumps over the lazy dog. " * 9], seq_len=8, batch_size=3)
+    assert got["tokens"] > 0 and math.isfinite(got["perplexity"])
+
+
+@pytest.mark.parametrize("preset", ["lm/debug", "lm/mot_debug"])  # MoT: the last batch was not a whole group
+def test_evaluate_an_lm_checkpoint(tmp_path, capsys, preset):
+    assert main(["pretrain", "--config", preset, "--run-dir", str(tmp_path), "--no-progress", *FAST,
                  "--set=task.text.batch_size=8"]) == 0
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--no-progress"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
