@@ -6,7 +6,8 @@ prints JSON.
 1. ``presets``: for each preset, in a fresh process, the trainer's full step (its default task
    on the bundled data: forward of every stream, heads, losses, backward, clipping, AdamW) on
    pre-loaded batches: tokens/s and samples/s (median step), the expert multiply-adds per token
-   of its MoE layers next to the dense FFN's (every MoE preset matches them), and the rise of the peak resident set during one step.
+   of its MoE layers next to the dense FFN's (every MoE preset matches them), and the rise of
+   the peak resident set during one step.
 2. ``torchscale``: the dense BEiT-3 base encoder built by torchscale 0.3.0 (``pip install
    --no-deps torchscale==0.3.0 fairscale==0.4.0``, benchmark-only) and ours, forward+backward
    of the same image-text batch: seconds and peak step memory, ours / theirs (target <= 0.8).

@@ -51,7 +51,8 @@ from torchvision.transforms.v2 import functional as VF
 from .skips import SkipSample
 
 __all__ = ["BEIT3_MEAN", "BEIT3_STD", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_FORMATS", "ImageTransform",
-           "RandomCropTransform", "ResizeTransform", "decode_image", "eval_transform", "finetune_transform", "pretrain_transform"]
+           "RandomCropTransform", "ResizeTransform", "decode_image", "eval_transform", "finetune_transform",
+           "pretrain_transform"]
 
 BEIT3_MEAN = (0.5, 0.5, 0.5)
 BEIT3_STD = (0.5, 0.5, 0.5)

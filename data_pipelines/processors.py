@@ -193,7 +193,8 @@ class RetrievalProcessor:
 
     def __call__(self, sample: dict, seed: int) -> tuple:
         record = decode_record(_field(sample, "json"), RETRIEVAL_RECORD)
-        captions = [c for c in record["captions"] if self.tokenizer.encode(c)]  # training draws among these
+        # training draws among the captions with a token (a first piece is enough to know)
+        captions = [c for c in record["captions"] if self.tokenizer.encode_prefix(c, 1)]
         if not captions:
             raise SkipSample("empty_text", "no caption with a token")
         if not self.all_captions:

@@ -247,6 +247,7 @@ def _carrying_skips(batches: Iterator, skips: SkipCounter) -> Iterator:
 
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's naming: <key>.<field>, key up to the first dot
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 
 
@@ -255,9 +256,9 @@ def tar_samples(urls: Iterable[str], skips: SkipCounter) -> Iterator[dict]:
     webdataset tars at ``urls``: consecutive members named ``<key>.<field>`` make one sample.
 
     A tar that cannot be read, or ends inside a member or (a plain, uncompressed tar) before its
-    end-of-archive blocks, is counted once as ``truncated_tar`` and the stream goes on with the next one (the sample it
-    was inside is dropped with it); a sample holding a field twice is skipped as
-    ``duplicate_field``. Names starting with ``__`` (webdataset's metadata) are ignored.
+    end-of-archive blocks, is counted once as ``truncated_tar`` and the stream goes on with the
+    next one (the sample it was inside is dropped with it); a sample holding a field twice is
+    skipped as ``duplicate_field``. Names starting with ``__`` (webdataset's metadata) are ignored.
     """
     for url in urls:
         yield from _tar_file_samples(url, skips)
@@ -273,7 +274,7 @@ def _tar_file_samples(url: str, skips: SkipCounter) -> Iterator[dict]:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     found = _MEMBER.match(member.name)
-                    if not member.isreg() or found is None or re.match(r"__[^/]*__($|/)", member.name):
+                    if not member.isreg() or found is None or _META.match(member.name):
                         continue
                     key, field = found.group(1), found.group(2).lower()
                     if sample is None or sample["__key__"] != key:  # the previous sample is complete

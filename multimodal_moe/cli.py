@@ -320,21 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, CheckpointError,
+            RunDirLocked) as e:  # bad input: its message, one line (exit 2; 1 for a run dir or checkpoint)
         if args.debug:
             raise
-        print(f"mmoe: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f"mmoe: error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, RunDirLocked) as e:
-        if args.debug:
-            raise
-        print(f"mmoe: error: {e}", file=sys.stderr)
-        return 1
+        print(f"mmoe: {'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
+        return 1 if isinstance(e, (CheckpointError, RunDirLocked)) else 2
 
 
 if __name__ == "__main__":

@@ -111,12 +111,12 @@ class TaskConfig(Registry):
         """Raise ``FileNotFoundError`` naming every shard set (``shards``, ``eval_shards``) and
         file (``path``: tokenizer, codebook) of this config, at any depth, that is not there;
         called before the model is built, so a typo costs no model build."""
+        from data_pipelines.shards import shard_urls
+
         problems = []
         for key, value in _data_fields(self, ""):
             try:
                 if key.endswith("shards"):
-                    from data_pipelines.shards import shard_urls
-
                     shard_urls([str(data_path(s)) for s in value])
                 elif not data_path(value).is_file():
                     raise FileNotFoundError(f"{value} not found")

@@ -78,6 +78,12 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n")
 
 
+def latest_target(root: Path) -> Path | None:
+    """The checkpoint folder ``root/latest`` points at, if it points at one."""
+    latest = root / LATEST
+    return latest.resolve() if latest.exists() else None
+
+
 def point_latest(root: Path, name: str) -> None:
     """Point ``root/latest`` at ``name`` atomically (``os.replace`` of a fresh symlink)."""
     link = root / f".tmp-{LATEST}"
@@ -132,7 +138,7 @@ class CheckpointWriter:
 
     def _prune(self, keep: int) -> None:
         """Delete the oldest checkpoints beyond the newest ``keep``, never the one ``latest`` names."""
-        latest = (self.root / LATEST).resolve() if (self.root / LATEST).exists() else None
+        latest = latest_target(self.root)
         for old in sorted(p for p in self.root.glob("step_*") if p.is_dir())[:-keep]:
             if old.name != self.name and old.resolve() != latest:
                 shutil.rmtree(old)

@@ -46,6 +46,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointWriter,
     config_differences,
+    latest_target,
     load_weights,
     step_dir_name,
     task_states,
@@ -234,7 +235,7 @@ class Trainer:
                 Checkpoint.open(self.ckpt_dir)
             checkpoint.verify()
             if resume == "latest-intact":
-                env.gather(None)  # every rank has chosen before rank 0 renames what it passed over
+                env.barrier()  # every rank has chosen before rank 0 renames what it passed over
                 if env.is_main and (aside := checkpoint.set_aside_newer()):
                     print(f"set aside as corrupt-*: {', '.join(aside)}; continuing from {checkpoint.path.name}",
                           file=sys.stderr)
@@ -416,19 +417,15 @@ class Trainer:
                     raise TrainingStopped(self.step, self._stop_checkpoint(saved))
         if self.bad_in_a_row and self.env.is_main:
             print(f"mmoe: the last {self.bad_in_a_row} steps had a non-finite loss or gradient, so no checkpoint "
-                  f"was written after them; the newest is {self._newest_checkpoint()}", file=sys.stderr)
+                  f"was written after them; the newest is {latest_target(self.ckpt_dir)}", file=sys.stderr)
         return TrainResult(self.run_dir, self.step, records)
-
-    def _newest_checkpoint(self) -> Path | None:
-        latest = self.ckpt_dir / "latest"
-        return latest.resolve() if latest.exists() else None
 
     def _stop_checkpoint(self, saved: bool) -> Path | None:
         """The checkpoint a SIGTERM-stopped run resumes from: this step's, unless the step is in a
         bad streak (then the last good one, if any)."""
         if saved:
             return self.ckpt_dir / step_dir_name(self.step)
-        return self._newest_checkpoint() if self.bad_in_a_row else self.save()
+        return latest_target(self.ckpt_dir) if self.bad_in_a_row else self.save()
 
     def _record(self, elapsed: float) -> dict[str, Any]:
         """This log interval's line: the mean over ranks of every number, summed throughput."""
