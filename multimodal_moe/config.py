@@ -30,11 +30,18 @@ class TrainConfig(Configurable):
 
     Attributes:
         steps: optimizer updates.
-        lr: peak learning rate (reached after warmup, then cosine decay to ``min_lr``).
-        min_lr: final learning rate.
+        optimizer: adamw | adam | adafactor (:mod:`multimodal_moe.training.optim` says how each
+            treats weight decay and which of the settings below apply).
+        schedule: cosine | linear | inverse_sqrt | constant_with_warmup: the lr after warmup
+            (formulas in :mod:`multimodal_moe.training.optim`).
+        lr: peak learning rate (reached after warmup).
+        min_lr: the end of the cosine and linear decays.
         warmup_steps: linear warmup from 0.
-        weight_decay: AdamW decay (not applied to biases, norms, positions, CLS/mask tokens).
-        betas / eps: AdamW (BEiT-3: 0.9, 0.98 and 1e-6).
+        constant_steps: updates at the peak lr between warmup and decay (T5 / OpenMoE's
+            inverse-square-root schedule: no warmup, 10k constant steps).
+        weight_decay: decoupled for adamw and adafactor, L2 for adam; not applied to biases,
+            norms, positions, CLS/mask tokens.
+        betas / eps: Adam(W) moments (BEiT-3: 0.9, 0.98 and 1e-6).
         layer_decay: layer-wise lr decay factor (lr x decay^(layers above)); null disables it.
         grad_accum: micro-batches per update.
         clip_grad: clip the global gradient norm to this; null disables clipping.
@@ -58,9 +65,12 @@ class TrainConfig(Configurable):
     """
 
     steps: int = 300
+    optimizer: Literal["adamw", "adam", "adafactor"] = "adamw"
+    schedule: Literal["cosine", "linear", "inverse_sqrt", "constant_with_warmup"] = "cosine"
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 20
+    constant_steps: int = 0
     weight_decay: float = 0.05
     betas: tuple[float, ...] = (0.9, 0.98)
     eps: float = 1e-6
@@ -86,14 +96,19 @@ class TrainConfig(Configurable):
                      "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers"):
+        for name in ("warmup_steps", "constant_steps", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 < self.lr < float("inf") or not 0 <= self.min_lr <= self.lr:
             raise ConfigError("min_lr" if self.lr > 0 else "lr",
                               f"need 0 < lr and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_steps >= self.steps:
-            raise ConfigError("warmup_steps", f"{self.warmup_steps} leaves no step of the {self.steps} after warmup")
+        if self.warmup_steps + self.constant_steps >= self.steps:
+            name = "warmup_steps" if self.warmup_steps >= self.steps else "constant_steps"
+            raise ConfigError(name, f"warmup_steps + constant_steps = {self.warmup_steps + self.constant_steps} "
+                                    f"leave no step of the {self.steps} to decay")
+        if self.schedule == "inverse_sqrt" and not self.warmup_steps + self.constant_steps:
+            raise ConfigError("schedule", "inverse_sqrt decays as sqrt(W / t) from update W = warmup_steps + "
+                                          "constant_steps; set one of them")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
         if self.eps <= 0 or self.weight_decay < 0:

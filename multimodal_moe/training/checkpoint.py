@@ -6,7 +6,7 @@ the newest. Each checkpoint directory holds::
     model.safetensors   the backbone's weights, whole (what fine-tuning and ``load_checkpoint`` read)
     heads.safetensors   the task's own weights (pretraining heads)
     ema.safetensors     the weight EMA of the backbone, when training keeps one
-    state.pt            optimizer (unless sharded), scheduler, per-rank RNG and data-reader
+    state.pt            optimizer (unless sharded), per-rank RNG and data-reader
                         state, step, meters: plain tensors and containers, read with
                         ``weights_only=True``
     sharded/            FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint)

@@ -4,13 +4,13 @@
     torchrun --nproc_per_node 2 -m multimodal_moe.cli pretrain ... [--set train.data_parallel=fsdp]
 
 One step = ``grad_accum`` micro-batches -> (DDP / FSDP2 gradient sync on the last) -> clip ->
-AdamW (timm's factory: no decay on biases, norms, positions and CLS/mask tokens; optional
-layer-wise lr decay) -> cosine schedule with linear warmup (timm, per step) -> optional weight
-EMA. A step whose loss or gradient is not finite on any rank is skipped by every rank and
+the optimizer (AdamW, Adam or Adafactor from timm's factory: no decay on biases, norms,
+positions and CLS/mask tokens; optional layer-wise lr decay) at the schedule's lr for the
+update (:mod:`.optim`) -> optional weight EMA. A step whose loss or gradient is not finite on any rank is skipped by every rank and
 counted; ``max_bad_steps`` in a row stop the run with its last good checkpoint intact. Every
 ``log_every`` steps rank 0 appends the ranks' mean values to ``metrics.jsonl`` (:mod:`.metrics`);
 every ``checkpoint_every`` steps and at the end a checkpoint is written (:mod:`.checkpoint`). A
-resumed run restores weights, optimizer, scheduler, and each rank's RNG, data-reader position
+resumed run restores weights, optimizer, and each rank's RNG, data-reader position
 and current log interval, so it continues exactly as the uninterrupted run would have (bitwise
 on CPU with the same thread count).
 """
@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from .. import build_model
@@ -52,6 +50,7 @@ from .checkpoint import (
     task_states,
 )
 from .metrics import MetricsLog, StepMeter
+from .optim import LRSchedule, build_optimizer
 from .run_lock import RunDirLocked, RunLock
 
 __all__ = ["TrainResult", "Trainer", "TrainingDiverged", "TrainingStopped", "build_task", "train"]
@@ -141,7 +140,7 @@ def build_task(cfg: Config) -> Task:
 
 def _scale_lrs(optimizer: torch.optim.Optimizer, task: Task) -> torch.optim.Optimizer:
     """The optimizer with the task's ``lr_scales`` applied: each group split into the scaled
-    parameters (``lr_scale`` multiplied, which timm's schedulers apply) and the rest."""
+    parameters (``lr_scale`` multiplied, which the lr schedule applies) and the rest."""
     scales = task.lr_scales()
     if not scales:
         return optimizer
@@ -262,12 +261,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + env.rank)
         self.parallel = parallelize(task, env, data_parallel=tc.data_parallel, expert_parallel=tc.expert_parallel,
                                     find_unused_parameters=not task.uses_every_parameter())
-        self.optimizer = _scale_lrs(create_optimizer_v2(task, opt="adamw", lr=tc.lr, weight_decay=tc.weight_decay,
-                                                        betas=tuple(tc.betas), eps=tc.eps,
-                                                        layer_decay=tc.layer_decay), task)
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=tc.steps - tc.warmup_steps, lr_min=tc.min_lr,
-                                           warmup_t=tc.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
-                                           t_in_epochs=False)
+        self.optimizer = _scale_lrs(build_optimizer(task, tc), task)
+        self.lr_schedule = LRSchedule(self.optimizer, tc)
         self.ema = ModelEmaV3(task.model, decay=tc.ema_decay) if tc.ema_decay else None
         self.data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers, pin_memory=env.device.type == "cuda")
         self.meter, self.log = StepMeter(), MetricsLog(self.run_dir / "metrics.jsonl")
@@ -319,7 +314,7 @@ class Trainer:
         norm together): batches are copied asynchronously from page-locked memory, and what is
         logged stays on the device until a logging step reads it."""
         self.task.train()
-        self.scheduler.step_update(self.step + 1)  # the lr of update step+1 (update 0 would have lr 0)
+        self.lr_schedule.step_update(self.step + 1)  # the lr of update step+1 (update 0 would have lr 0)
         self.optimizer.zero_grad(set_to_none=True)
         device, cuda = self.env.device, self.env.device.type == "cuda"
         outputs = []
@@ -476,7 +471,7 @@ class Trainer:
             full, optimizer_state = self.task.state_dict(), self.optimizer.state_dict()
         if env.is_main:
             model, heads = task_states(self.task, full)
-            state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "per_rank": per_rank,
+            state = {"optimizer": optimizer_state, "per_rank": per_rank,
                      "world": env.world, "bad_steps": self.bad_steps}
             writer.write(model=model, heads=heads, state=state, cfg=self.cfg,
                          ema=None if self.ema is None else self.ema.module.state_dict())
@@ -515,11 +510,8 @@ class Trainer:
         if self.ema is not None:
             load_weights(self.ema.module, checkpoint.weights("ema.safetensors"), str(checkpoint.path))
         changed = config_differences(to_dict(checkpoint.config.train), to_dict(self.tc), "train")
-        if changed:  # e.g. more steps: the schedule follows the new config from here on
-            if env.is_main:
-                print(f"resuming with a changed train section: {'; '.join(changed)}", file=sys.stderr)
-        else:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if changed and env.is_main:  # e.g. more steps: the schedule follows the new config from here on
+            print(f"resuming with a changed train section: {'; '.join(changed)}", file=sys.stderr)
         mine = state["per_rank"][env.rank]
         self.data.load_state_dict(mine["data"])
         self.meter.load_state_dict(mine["meter"])
