@@ -8,7 +8,7 @@ from pathlib import Path
 from multimodal_moe.config import Config
 from multimodal_moe.tasks import Task
 from multimodal_moe.training import Checkpoint, build_task
-from multimodal_moe.training.checkpoint import load_weights, task_states
+from multimodal_moe.training.checkpoint import task_states
 
 from .finetune import is_main_rank
 from .lm_eval import multiple_choice, perplexity, read_documents
@@ -19,14 +19,12 @@ __all__ = ["evaluate_checkpoint", "load_task"]
 def load_task(checkpoint: Checkpoint, cfg: Config) -> Task:
     """``cfg``'s task with the backbone and heads of ``checkpoint`` (both strictly)."""
     task = build_task(cfg)
-    checkpoint.load_model_into(task.model)
     heads = checkpoint.weights("heads.safetensors")
     expected = set(task_states(task)[1])
     if set(heads) != expected:
         raise ValueError(f"{checkpoint.path} holds heads {sorted(heads) or 'none'}, the {cfg.task.kind} task needs "
                          f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {checkpoint.path})")
-    load_weights(task, {**{f"model.{k}": v for k, v in task.model.state_dict().items()}, **heads},
-                 str(checkpoint.path))
+    checkpoint.load_task_weights(task)
     return task
 
 

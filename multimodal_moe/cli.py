@@ -1,11 +1,13 @@
 """The ``mmoe`` command line.
 
-    mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume]   train a task
+    mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume] [--init CKPT]   train a task
     mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
     mmoe evaluate --checkpoint CKPT               results.json and plots of a fine-tuned checkpoint
     mmoe demo [--run-dir DIR]                     pretrain -> fine-tune VQA, retrieval -> evaluate
     mmoe convert beit3 --src FILE --dst DIR       official BEiT-3 checkpoints in (and out: --to torchscale|unilm)
+    mmoe convert mot-to-topk RUN --dst DIR        Mixture of Tokens -> top-k MoE (transition tuning)
     mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table
+    mmoe compare RUN_DIR... [--out DIR]           runs side by side: loss, perplexity, MoE stats; PNGs
     mmoe presets                                  list the bundled presets and what they are
     mmoe smoke [--config PRESET] [--set k=v ...]  build a preset, run forward/backward steps
     mmoe bench moe [...]                          FFN family speed at equal active FLOPs, JSON
@@ -120,7 +122,13 @@ def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    return _train(args, load_config(args.config, args.set), "pretrain")
+    start = args.init if args.init is not None else args.run_dir if args.resume else None
+    if args.config is None and start is not None:  # the config the run (or the --init checkpoint) has
+        from .training.checkpoint import CONFIG_FILE, find_checkpoint
+
+        args.config = str(find_checkpoint(start) / CONFIG_FILE)
+    args.config = args.config or DEFAULT_PRETRAIN_PRESET
+    return _train(args, load_config(args.config, args.set), "pretrain", init=args.init)
 
 
 def _summary(results: dict) -> str:
@@ -196,10 +204,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_mot(args: argparse.Namespace) -> int:
+    from .config import overrides_tree
+    from .transition import mot_to_topk
+
+    path = mot_to_topk(args.src, args.dst, top_k=args.top_k, **overrides_tree(args.set))
+    print(f"converted: {path} (top-{args.top_k} MoE, the MoT controllers as routers)\n"
+          f"transition-tune: mmoe pretrain --init {args.dst} --run-dir RUN [--set train.steps=N]")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_run
 
     print(inspect_run(args.run_dir, plots=not args.no_plots))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs, format_table
+
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels is not None else None
+    summary = compare_runs(args.run_dirs, args.out, labels=labels)
+    print(format_table(summary))
+    print(f"\n{Path(args.out) / 'compare.json'}; plots: {', '.join(summary['plots'])}")
     return 0
 
 
@@ -223,12 +251,15 @@ def parser() -> argparse.ArgumentParser:
 
     pretrain = sub.add_parser("pretrain", help="train a preset's task (default: masked data modeling of a small "
                                                "MoE Multiway encoder on the bundled data)")
-    pretrain.add_argument("--config", default=DEFAULT_PRETRAIN_PRESET,
-                          help=f"preset file or name (default: {DEFAULT_PRETRAIN_PRESET})")
+    pretrain.add_argument("--config", default=None,
+                          help=f"preset file or name (default: the config of the run resumed or of the --init "
+                               f"checkpoint, else {DEFAULT_PRETRAIN_PRESET})")
     pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config value, e.g. --set train.steps=50 (repeatable)")
     pretrain.add_argument("--run-dir", default=None, help="output folder (default: runs/<preset>-<time>)")
     pretrain.add_argument("--resume", **RESUME)
+    pretrain.add_argument("--init", default=None, help="a checkpoint to start a new run from: its backbone, and its "
+                                                       "heads when they are this task's (step 0, a new optimizer)")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(run=cmd_pretrain)
 
@@ -261,8 +292,17 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=cmd_demo)
 
-    convert = sub.add_parser("convert", help="official BEiT-3 checkpoints (torchscale, unilm) to ours and back")
-    convert.add_argument("source", choices=["beit3"], help="the other codebase's model")
+    converts = sub.add_parser("convert", help="official BEiT-3 checkpoints in and out; Mixture of Tokens to "
+                                              "top-k").add_subparsers(dest="source", required=True)
+    mot = converts.add_parser("mot-to-topk", help="transition tuning: a Mixture-of-Tokens run's model as a top-k "
+                                                  "MoE, to train on with mmoe pretrain --init")
+    mot.add_argument("src", metavar="RUN", help="the MoT run dir or checkpoint")
+    mot.add_argument("--dst", required=True, help="the run dir to create, holding the converted checkpoint")
+    mot.add_argument("--top-k", type=int, default=1, help="experts per token (default: 1, as the MoT paper)")
+    mot.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="another setting of the top-k MoE, e.g. --set capacity_factor=1.25 (repeatable)")
+    mot.set_defaults(run=cmd_convert_mot)
+    convert = converts.add_parser("beit3", help="official BEiT-3 checkpoints (torchscale, unilm) to ours and back")
     convert.add_argument("--src", required=True, help="torchscale BEiT3 state dict or unilm beit3 checkpoint "
                                                       "(.pth/.pt/.safetensors); with --to torchscale|unilm: "
                                                       "a checkpoint of ours")
@@ -287,6 +327,14 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("run_dir")
     inspect.add_argument("--no-plots", action="store_true", help="only print the summary")
     inspect.set_defaults(run=cmd_inspect)
+
+    compare = sub.add_parser("compare", help="compare runs: one table (loss, perplexity, MoE statistics) and PNG "
+                                             "plots over steps")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", default="compare", help="output folder (default: compare)")
+    compare.add_argument("--labels", default=None, metavar="A,B,...",
+                         help="comma-separated names of the runs (default: their folders' names)")
+    compare.set_defaults(run=cmd_compare)
 
     presets = sub.add_parser("presets", help="list the bundled presets")
     presets.set_defaults(run=cmd_presets)

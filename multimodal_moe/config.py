@@ -218,7 +218,8 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_tree(parent_path, (*seen, path)), data)
 
 
-def _overrides_tree(overrides: Iterable[str]) -> dict:
+def overrides_tree(overrides: Iterable[str]) -> dict:
+    """``["a.b=1", "c=[x]"]`` -> ``{"a": {"b": 1}, "c": ["x"]}``, each value read as YAML."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -246,7 +247,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
         ConfigError: naming the dotted key for an unknown key (with the valid ones), a missing
             key, a wrong type or an invalid value.
     """
-    files, overrides = _read_tree(resolve_preset(path)), _overrides_tree(overrides)
+    files, overrides = _read_tree(resolve_preset(path)), overrides_tree(overrides)
     tree = _merge(files, overrides)
     if "task" not in files and isinstance(overrides.get("task", {}), dict):  # the default task, task.* on top
         model = parse(Config, {k: v for k, v in tree.items() if k not in ("task", "train")}).model

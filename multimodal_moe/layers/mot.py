@@ -21,6 +21,8 @@ and :func:`topk_from_mot` starts a top-k MoE from a trained MoT ("transition tun
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Literal
 
@@ -32,7 +34,7 @@ from ..configurable import ConfigError, config
 from .ffn import Activation, FFNConfig, FFNOutput
 from .moe import GroupedExperts, TopKMoE, TopKMoEConfig, compute_dtype
 
-__all__ = ["MixtureOfTokens", "MixtureOfTokensConfig", "topk_from_mot"]
+__all__ = ["MixtureOfTokens", "MixtureOfTokensConfig", "topk_config_from_mot", "topk_from_mot"]
 
 
 @FFNConfig.register("mot")
@@ -134,15 +136,26 @@ class MixtureOfTokens(nn.Module):
         return weights_TnGE
 
 
+def topk_config_from_mot(cfg: MixtureOfTokensConfig, top_k: int = 1, **overrides) -> TopKMoEConfig:
+    """The token-choice top-k MoE that transition tuning turns a MoT of ``cfg`` into: the same
+    experts, a softmax router, gates renormalised only when ``top_k`` > 1. ``overrides`` set other
+    :class:`TopKMoEConfig` fields (losses, capacity, ...)."""
+    valid = {f.name for f in dataclasses.fields(TopKMoEConfig)} - {"hidden_dim", "num_experts", "top_k", "activation"}
+    if unknown := sorted(set(overrides) - valid):
+        raise ConfigError(unknown[0], f"is not a top-k MoE setting that a conversion can choose; valid: "
+                                      f"{', '.join(sorted(valid))}")
+    fields = {"renormalize": top_k > 1, **overrides}
+    topk = TopKMoEConfig(hidden_dim=cfg.hidden_dim, num_experts=cfg.num_experts, top_k=top_k,
+                         activation=cfg.activation, **fields)
+    if topk.router != "softmax":
+        raise ConfigError("router", "transition tuning initialises the softmax router from the MoT controller")
+    return topk
+
+
 def topk_from_mot(mot: MixtureOfTokens, top_k: int = 1, **overrides) -> TopKMoE:
     """A token-choice top-k MoE initialised from a trained MoT ("transition tuning"): the
-    controller becomes the router, the experts are copied. ``overrides`` set other
-    :class:`TopKMoEConfig` fields (losses, capacity, ...)."""
-    cfg = TopKMoEConfig(hidden_dim=mot.cfg.hidden_dim, num_experts=mot.cfg.num_experts, top_k=top_k,
-                        activation=mot.cfg.activation, **overrides)
-    if cfg.router != "softmax":
-        raise ConfigError("router", "transition tuning initialises the softmax router from the MoT controller")
-    moe = cfg.build(mot.controller_DE.shape[0])
+    controller (over the temperature) becomes the router, the experts are copied."""
+    moe = topk_config_from_mot(mot.cfg, top_k, **overrides).build(mot.controller_DE.shape[0])
     with torch.no_grad():
         moe.router.weight_ED.copy_(mot.controller_DE.t() / mot.log_temperature.exp())
         moe.experts.load_state_dict(mot.experts.state_dict())

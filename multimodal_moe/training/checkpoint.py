@@ -366,6 +366,13 @@ class Checkpoint:
         """Load the backbone weights (strict: every key present, no extra, same shapes)."""
         load_weights(model, self.weights(MODEL_FILE), str(self.path / MODEL_FILE))
 
+    def load_task_weights(self, task: nn.Module) -> None:
+        """Load the backbone into ``task.model`` and the task's own weights (heads) into the
+        rest of ``task``, both strictly."""
+        heads = self.weights(HEADS_FILE)
+        load_weights(task, {**{f"model.{k}": v for k, v in self.weights(MODEL_FILE).items()}, **heads},
+                     str(self.path))
+
     def training_state(self) -> dict[str, Any]:
         return self._read(torch.load, STATE_FILE, weights_only=True, map_location="cpu")
 

@@ -256,7 +256,7 @@ class Trainer:
             start = Checkpoint.open(init)  # the architecture must match; drop path and the like may differ
             architecture = cfg.model.with_runtime_fields_of(start.config.model)
             start.check_compatible(dataclasses.replace(cfg, model=architecture), sections=("model",))
-            start.load_model_into(task.model)
+            self._load_init(start)
         task.to(env.device)
         torch.manual_seed(cfg.seed + env.rank)
         self.parallel = parallelize(task, env, data_parallel=tc.data_parallel, expert_parallel=tc.expert_parallel,
@@ -477,9 +477,25 @@ class Trainer:
                          ema=None if self.ema is None else self.ema.module.state_dict())
         return writer.commit(self.tc.keep_checkpoints)
 
+    def _load_init(self, start: Checkpoint) -> None:
+        """A new run's weights from ``start``: its backbone, and its heads too when they are this
+        task's (the same kind, names and shapes: continued pretraining, a converted model)."""
+        heads, own = start.weights("heads.safetensors"), task_states(self.task)[1]
+        same = start.config.task.kind == self.cfg.task.kind and heads.keys() == own.keys() and all(
+            heads[k].shape == own[k].shape for k in own)
+        if same:
+            start.load_task_weights(self.task)
+        else:
+            start.load_model_into(self.task.model)
+        if self.env.is_main:
+            print(f"--init: {'backbone and heads' if same else 'backbone'} from {start.path}", file=sys.stderr)
+
     def _restore(self, checkpoint: Checkpoint) -> None:
         env, parallel = self.env, self.parallel
         state = checkpoint.training_state()
+        if "conversion" in state:
+            raise CheckpointError(f"{checkpoint.path} was written by a conversion ({state['conversion']}) and holds "
+                                  f"no training state to resume; start a new run from it with --init")
         if state["world"] != env.world:
             raise CheckpointError(f"{checkpoint.path} was saved by {state['world']} process(es), this run has "
                                   f"{env.world}; data-reader positions are per rank, so resume at the same world size")
