@@ -10,6 +10,7 @@ from multimodal_moe.tasks import Task
 from multimodal_moe.training import Checkpoint, build_task
 from multimodal_moe.training.checkpoint import task_states
 
+from .expert_usage import record_expert_usage
 from .finetune import is_main_rank
 from .lm_eval import multiple_choice, perplexity, read_documents
 
@@ -32,17 +33,24 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
                         text_shards: list[str] | None = None, choices: str | None = None) -> dict:
     """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``. A
     language model is scored by perplexity on ``text_shards`` (default: the bundled held-out
-    text) and, given a JSONL of ``choices``, by zero-shot multiple choice."""
+    text) and, given a JSONL of ``choices``, by zero-shot multiple choice. A model with routed
+    experts also gets ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and
+    ``plots/expert_usage.png``."""
     task = load_task(checkpoint, cfg)
     results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path)}
-    if cfg.task.kind == "lm":
-        documents = read_documents(text_shards or ["bundled:text/val"])
-        results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len))
-        if choices is not None:
-            results["multiple_choice"] = multiple_choice(task.model, task.tokenizer, choices)
-    else:
-        results.update(task.evaluate(out_dir, progress=progress))
+    with record_expert_usage(task.model) as usage:  # over the held-out corpus: the text, the eval split
+        if cfg.task.kind == "lm":
+            documents = read_documents(text_shards or ["bundled:text/val"])
+            results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len))
+        else:
+            results.update(task.evaluate(out_dir, progress=progress))
+    if report := usage.report():
+        results["expert_usage"] = report
+    if cfg.task.kind == "lm" and choices is not None:
+        results["multiple_choice"] = multiple_choice(task.model, task.tokenizer, choices)
     if is_main_rank():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        if report:
+            usage.plot(report, out_dir / "plots" / "expert_usage.png")
     return results
