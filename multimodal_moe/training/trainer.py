@@ -481,7 +481,8 @@ class Trainer:
         """A new run's weights from ``start``: its backbone, and its heads too when they are this
         task's (the same kind, names and shapes: continued pretraining, a converted model)."""
         heads, own = start.weights("heads.safetensors"), task_states(self.task)[1]
-        same = start.config.task.kind == self.cfg.task.kind and heads.keys() == own.keys() and all(
+        task = start.config.task  # None for a converted backbone, which has no heads
+        same = task is not None and task.kind == self.cfg.task.kind and heads.keys() == own.keys() and all(
             heads[k].shape == own[k].shape for k in own)
         if same:
             start.load_task_weights(self.task)
