@@ -1,10 +1,10 @@
 """``mmoe data``: write shards, inspect them, train a tokenizer, build the bundled dataset.
 
-    mmoe data write-shards KIND INPUT... --out DIR [--image-root DIR] [--maxcount N] [--overwrite]
+    mmoe data write-shards KIND INPUT... --out DIR [--image-root DIR] [--maxcount N] [--lang L] [--overwrite]
     mmoe data inspect SHARDS... [--examples N]
     mmoe data train-tokenizer INPUT... --out FILE --vocab-size N [--model-type bpe|unigram]
     mmoe data train-visual-codebook SHARDS... --out FILE --patch-size P --image-size S [--codes K]
-    mmoe data build-demo [--out DIR] [--overwrite]
+    mmoe data build-demo [--out DIR] [--overwrite] [--derived-only | --multilingual-only]
 
 Every command shows progress on long work and refuses to overwrite output unless asked.
 """
@@ -30,7 +30,7 @@ from .streams import shard_texts, tar_samples
 def cmd_write_shards(args: argparse.Namespace) -> int:
     source, _ = SOURCES[args.kind]
     if args.kind == "text":
-        samples = source(args.inputs, per_line=not args.file_per_document)
+        samples = source(args.inputs, per_line=not args.file_per_document, lang=args.lang)
     elif args.kind == "image":
         if len(args.inputs) != 1:
             raise ValueError("image shards are written from one folder")
@@ -158,9 +158,10 @@ def cmd_train_visual_codebook(args: argparse.Namespace) -> int:
 
 
 def cmd_build_demo(args: argparse.Namespace) -> int:
-    from .recipes.build_demo import build_demo, build_derived
+    from .recipes.build_demo import build_demo, build_derived, build_multilingual
 
-    counts = (build_derived if args.derived_only else build_demo)(args.out, overwrite=args.overwrite)
+    build = build_derived if args.derived_only else build_multilingual if args.multilingual_only else build_demo
+    counts = build(args.out, overwrite=args.overwrite)
     print(json.dumps(counts, indent=1))
     return 0
 
@@ -179,6 +180,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                       "(default: the record file's folder)")
     w.add_argument("--file-per-document", action="store_true", help="text: each file is one document "
                                                                     "(default: each non-empty line)")
+    w.add_argument("--lang", default=None, help="text: the documents' language, kept as json {\"lang\": ...} "
+                                                "(mmoe evaluate reports an LM's perplexity per language)")
     w.add_argument("--prefix", default="shard")
     w.add_argument("--maxcount", type=int, default=10_000, help="samples per shard")
     w.add_argument("--maxsize", type=int, default=1 << 30, help="bytes per shard")
@@ -220,6 +223,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = cmds.add_parser("build-demo", help="rebuild the bundled tiny dataset (needs the packages DATA.md lists)")
     b.add_argument("--out", default=str(Path(__file__).parent / "bundled"))
     b.add_argument("--overwrite", action="store_true")
-    b.add_argument("--derived-only", action="store_true",
-                   help="only the tokenizer and visual codebook, learned from the shards already there")
+    only = b.add_mutually_exclusive_group()
+    only.add_argument("--derived-only", action="store_true",
+                      help="only the tokenizer and visual codebook, learned from the shards already there")
+    only.add_argument("--multilingual-only", action="store_true",
+                      help="only the multilingual text and its tokenizer (needs unicode-cldr-core alone)")
     b.set_defaults(run=cmd_build_demo)

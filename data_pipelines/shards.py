@@ -7,7 +7,8 @@ to the first dot, so keys never contain dots). The fields of each kind:
 kind          fields
 ============  ===================================================================================
 image         ``jpg`` or ``png`` (the original encoded bytes); optional ``json`` metadata
-text          ``txt``: one document, UTF-8
+text          ``txt``: one document, UTF-8; optional ``json`` metadata (``{"lang": "de"}``: the
+              document's language, which LM evaluation reports perplexity by)
 image_text    ``jpg``/``png`` + ``txt`` (the caption)
 vqa           ``jpg``/``png`` + ``json``: ``{"question_id", "question", "answers": [10 strings],
               "question_type", "image_id"}``

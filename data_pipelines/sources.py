@@ -86,16 +86,18 @@ def caption_pairs(path: str | Path, image_root: str | Path | None = None, *, ima
                {**image_field(root / image), "txt": str(record[text_column])})
 
 
-def text_documents(paths: list[str | Path], *, per_line: bool = True) -> Iterator[Sample]:
-    """Documents from text files: one per non-empty line, or one per file."""
+def text_documents(paths: list[str | Path], *, per_line: bool = True, lang: str | None = None) -> Iterator[Sample]:
+    """Documents from text files: one per non-empty line, or one per file; with ``lang``, each
+    carries ``{"lang": lang}`` as its ``json`` (LM evaluation reports perplexity per language)."""
+    meta = {"json": {"lang": lang}} if lang else {}
     for path in map(Path, paths):
         text = path.read_text(encoding="utf-8")
         if not per_line:
-            yield safe_key(path.stem), {"txt": text}
+            yield safe_key(path.stem), {"txt": text, **meta}
             continue
         for line_no, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                yield safe_key(f"{path.stem}_{line_no:08d}"), {"txt": line}
+                yield safe_key(f"{path.stem}_{line_no:08d}"), {"txt": line, **meta}
 
 
 def vqa_records(path: str | Path, image_root: str | Path | None = None) -> Iterator[Sample]:

@@ -187,7 +187,7 @@ class Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_size: int,
                     model_type: Literal["bpe", "unigram"] = "bpe", overwrite: bool = False,
-                    layout: Layout = "beit3") -> Tokenizer:
+                    layout: Layout = "beit3", byte_fallback: bool = False) -> Tokenizer:
     """Train a sentencepiece model on ``texts``, write it to ``out_path`` and return its tokenizer.
 
     Training runs in memory. Each text is split into lines, because sentencepiece treats one item
@@ -205,6 +205,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_
         overwrite: replace an existing file at ``out_path``.
         layout: ``beit3`` (ours, see the module docstring) or ``xlmr``, a stock-layout model
             (unk=0, bos=1, eos=2, no pad, no ``<mask>``) that stands in for ``beit3.spm`` in tests.
+        byte_fallback: 256 of the pieces are UTF-8 bytes, which spell a character no piece covers
+            instead of ``<unk>`` (for scripts with thousands of characters, such as Chinese).
     """
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
@@ -218,7 +220,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines, model_writer=proto, vocab_size=vocab_size, model_type=model_type,
-            character_coverage=1.0, num_threads=2, minloglevel=1, **_TRAIN_IDS[layout])
+            character_coverage=1.0, byte_fallback=byte_fallback, num_threads=2, minloglevel=1, **_TRAIN_IDS[layout])
     except RuntimeError as e:
         if "Vocabulary size too high" in str(e):
             raise ValueError(f"vocab_size={vocab_size} is more than this corpus supports ({e}); "

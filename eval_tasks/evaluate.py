@@ -12,7 +12,7 @@ from multimodal_moe.training.checkpoint import task_states
 
 from .expert_usage import record_expert_usage
 from .finetune import is_main_rank
-from .lm_eval import multiple_choice, perplexity, read_documents
+from .lm_eval import multiple_choice, perplexity, read_documents_and_languages
 
 __all__ = ["evaluate_checkpoint", "load_task"]
 
@@ -32,16 +32,17 @@ def load_task(checkpoint: Checkpoint, cfg: Config) -> Task:
 def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, progress: bool = False,
                         text_shards: list[str] | None = None, choices: str | None = None) -> dict:
     """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``. A
-    language model is scored by perplexity on ``text_shards`` (default: the bundled held-out
-    text) and, given a JSONL of ``choices``, by zero-shot multiple choice. A model with routed
-    experts also gets ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and
-    ``plots/expert_usage.png``."""
+    language model is scored by perplexity on ``text_shards`` (default: its task's
+    ``eval_shards``), per language too where the documents name theirs, and, given a JSONL of
+    ``choices``, by zero-shot multiple choice. A model with routed experts also gets
+    ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and ``plots/expert_usage.png``."""
     task = load_task(checkpoint, cfg)
     results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path)}
     with record_expert_usage(task.model) as usage:  # over the held-out corpus: the text, the eval split
         if cfg.task.kind == "lm":
-            documents = read_documents(text_shards or ["bundled:text/val"])
-            results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len))
+            documents, languages = read_documents_and_languages(text_shards or cfg.task.eval_shards)
+            results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len,
+                                      languages=languages))
         else:
             results.update(task.evaluate(out_dir, progress=progress))
     if report := usage.report():

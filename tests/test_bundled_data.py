@@ -1,6 +1,7 @@
 """The committed demo shards (``data_pipelines/bundled/``): complete, decodable, leak-free, small.
 
-Reads the tars with :mod:`tarfile` only, so it needs none of the build-time packages.
+Reads the tars with :mod:`tarfile` only, so it needs none of the build-time packages (the
+multilingual recipe is tested on CLDR-shaped files written here).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import io
 import json
 import re
 import tarfile
+import unicodedata
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -25,6 +27,8 @@ from data_pipelines.visual_targets import KMeansCodebook
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data_pipelines" / "bundled"
 SPLITS = ("train", "val")
+SETS = {**{kind: kind for kind in KINDS}, "multilingual": "text"}  # directory: the kind of its shards
+LANGUAGES = ("en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur")
 MAX_BYTES = 15_000_000
 
 
@@ -49,7 +53,7 @@ def image_id(kind: str, key: str, sample: dict[str, bytes]) -> str:
 
 
 @pytest.mark.parametrize("split", SPLITS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", SETS)
 def test_sizes_and_manifest_match_the_tars(kind, split):
     directory = BUNDLED / kind / split
     sizes = json.loads((directory / "sizes.json").read_text())
@@ -62,14 +66,14 @@ def test_sizes_and_manifest_match_the_tars(kind, split):
         per_tar[path.name] = len({name.split(".", 1)[0] for name in names})
         fields.update(name.split(".", 1)[1] for name in names)
     assert sizes == per_tar
-    assert manifest["kind"] == kind
+    assert manifest["kind"] == SETS[kind]
     assert manifest["samples"] == sum(per_tar.values()) == len(samples(kind, split)) > 0
     assert manifest["shards"] == len(per_tar)
     assert manifest["fields"] == dict(fields)
 
 
 def test_build_info_and_data_md_give_the_shard_counts():
-    counts = {kind: {split: len(samples(kind, split)) for split in SPLITS} for kind in KINDS}
+    counts = {kind: {split: len(samples(kind, split)) for split in SPLITS} for kind in SETS}
     assert json.loads((BUNDLED / "build_info.json").read_text())["counts"] == counts
     rows = re.findall(r"^\|\s*`(\w+)`\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|", (BUNDLED / "DATA.md").read_text(), re.M)
     assert {kind: {"train": int(train), "val": int(val)} for kind, train, val in rows} == counts
@@ -99,6 +103,75 @@ def test_image_text_has_a_thousand_captioned_train_pairs():
 @pytest.mark.parametrize("split", SPLITS)
 def test_text_documents_are_nonempty_utf8(split):
     assert all(sample["txt"].decode("utf-8").strip() for sample in samples("text", split).values())
+
+
+def multilingual(split: str) -> dict[str, list[str]]:
+    """The ``multilingual`` documents of a split by language."""
+    found: dict[str, list[str]] = {}
+    for sample in samples("multilingual", split).values():
+        found.setdefault(json.loads(sample["json"])["lang"], []).append(sample["txt"].decode("utf-8"))
+    return found
+
+
+def test_multilingual_text_is_parallel_in_every_language_and_split():
+    train, val = multilingual("train"), multilingual("val")
+    assert list(train) == list(val) == list(LANGUAGES)
+    for lang in LANGUAGES:
+        assert len(train[lang]) == 13 and len(val[lang]) == 2, lang
+        assert all(doc.strip() for doc in train[lang] + val[lang]), lang
+        lines = {split: {line for doc in docs[lang] for line in doc.splitlines()} for split, docs in
+                 (("train", train), ("val", val))}
+        assert len(lines["val"]) >= 100 and not lines["val"] & lines["train"], lang  # no val emoji in train
+
+
+def test_multilingual_tokenizer_covers_every_script():
+    """Byte fallback: no ``<unk>``; characters that need bytes are rare but in Chinese, whose val
+    split uses characters that no train document has (DATA.md)."""
+    tokenizer = Tokenizer.load(BUNDLED / "tokenizer_multilingual.model")
+    assert (tokenizer.layout, tokenizer.vocab_size, tokenizer.mask_id) == ("beit3", 6000, 4)
+    for lang, docs in multilingual("val").items():
+        encoded = [tokenizer.encode(doc) for doc in docs]
+        ids = [i for doc_ids in encoded for i in doc_ids]
+        byte_share = sum(tokenizer.sp.is_byte(i) for i in ids) / len(ids)
+        assert tokenizer.unk_id not in ids and byte_share < (0.2 if lang == "zh" else 0.005), (lang, byte_share)
+        normalized = [" ".join(unicodedata.normalize("NFKC", doc).split()) for doc in docs]  # as sentencepiece does
+        assert [tokenizer.decode(doc_ids) for doc_ids in encoded] == normalized, lang  # bytes decode back
+
+
+def test_the_multilingual_recipe_writes_parallel_documents_split_by_emoji(tmp_path, monkeypatch):
+    """The recipe's logic on small CLDR-shaped files (the real ones are a build-time package; the
+    byte-for-byte rebuild is in DATA.md): a line per emoji, the name not repeated among its
+    keywords, one split per emoji in every language, a language's missing emoji left out."""
+    from data_pipelines.recipes import build_demo
+
+    emoji = [chr(0x1F400 + i) for i in range(300)]
+    for lang in build_demo.LANGUAGES:
+        nodes = []
+        for i, cp in enumerate(emoji):
+            if lang == "sw" and i % 10 == 0:
+                continue  # CLDR's Swahili lacks some emoji
+            nodes.append(f'<annotation cp="{cp}" type="tts">{lang} name {i}</annotation>'
+                         f'<annotation cp="{cp}">k{i} | {lang} name {i} | {lang} other</annotation>')
+        (tmp_path / f"{lang}.xml").write_text(f"<ldml><annotations>{''.join(nodes)}</annotations></ldml>",
+                                              encoding="utf-8")
+    monkeypatch.setattr(build_demo, "debian_file", lambda package, name: tmp_path / Path(name).name)
+    samples = build_demo.multilingual_samples()
+    seen: dict[str, dict[str, set[int]]] = {split: {} for split in samples}
+    for split, docs in samples.items():
+        for key, fields in docs:
+            lang = fields["json"]["lang"]
+            assert re.fullmatch(rf"cldr-{lang}-\d{{3}}", key)
+            lines = fields["txt"].split("\n")
+            assert 0 < len(lines) <= build_demo.MULTILINGUAL_EMOJI_PER_DOCUMENT
+            for line in lines:
+                i = int(re.fullmatch(rf"{lang} name (\d+): k\1, {lang} other", line)[1])
+                seen[split].setdefault(lang, set()).add(i)
+    assert set(seen["train"]) == set(seen["val"]) == set(build_demo.LANGUAGES)
+    train, val = seen["train"]["en"], seen["val"]["en"]
+    assert not train & val and val and 0.45 < len(train | val) / len(emoji) < 0.75
+    for lang in build_demo.LANGUAGES:
+        expected = {i for i in train | val if lang != "sw" or i % 10}
+        assert seen["train"][lang] | seen["val"][lang] == expected and seen["val"][lang] <= val, lang
 
 
 def test_vqa_questions():

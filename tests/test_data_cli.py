@@ -62,6 +62,10 @@ def test_write_shards_from_every_source(files, capsys):
     assert main(["data", "write-shards", "text", str(files / "corpus.txt"), "--out", str(out / "text"),
                  "--overwrite", "--file-per-document"]) == 0
     assert read_manifest(out / "text")["samples"] == 1
+    assert main(["data", "write-shards", "text", str(files / "corpus.txt"), "--out", str(out / "text"),
+                 "--overwrite", "--lang", "de"]) == 0
+    samples = list(wds.WebDataset(str(out / "text" / "shard-000000.tar"), shardshuffle=False))
+    assert [json.loads(s["json"]) for s in samples] == [{"lang": "de"}] * 2
 
 
 def test_bad_records_are_clear_errors(files, capsys):

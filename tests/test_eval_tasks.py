@@ -215,6 +215,41 @@ def test_evaluate_an_lm_checkpoint(tmp_path, capsys, preset):
     assert 1 < results["perplexity"] < 2e4 and 0 < results["bits_per_byte"] < 20
 
 
+def test_per_language_perplexity_is_the_perplexity_of_each_language_alone():
+    from eval_tasks.lm_eval import perplexity, read_documents_and_languages
+
+    task = build_task(mm.load_config("lm/multilingual_debug"))
+    model, tok = task.model.eval(), task.tokenizer
+    docs, langs = read_documents_and_languages(["bundled:multilingual/val"])
+    documents = [doc[:600] for doc, lang in zip(docs, langs) if lang in ("en", "zh", "ar")] + ["no language"]
+    languages = [lang for lang in langs if lang in ("en", "zh", "ar")] + [None]
+    got = perplexity(model, tok, documents, seq_len=32, batch_size=5, languages=languages)
+    assert list(got["per_language"]) == ["en", "ar", "zh"]  # in the order they first occur; None left out
+    for lang, scores in got["per_language"].items():
+        alone = perplexity(model, tok, [d for d, other in zip(documents, languages) if other == lang], seq_len=32,
+                           batch_size=5)
+        assert scores["documents"] == alone["documents"] == 2 and scores["tokens"] == alone["tokens"]
+        for key in ("perplexity", "bits_per_byte"):
+            assert scores[key] == pytest.approx(alone[key], rel=1e-5), (lang, key)
+    unlabelled = perplexity(model, tok, documents, seq_len=32, batch_size=5)
+    assert "per_language" not in unlabelled
+    assert unlabelled["perplexity"] == pytest.approx(got["perplexity"], rel=1e-5)
+    with pytest.raises(ValueError, match="one per document"):
+        perplexity(model, tok, documents, seq_len=32, languages=languages[:-1])
+
+
+def test_evaluate_scores_a_multilingual_checkpoint_per_language_on_its_own_val_split(tmp_path, capsys):
+    assert main(["pretrain", "--config", "lm/mhmoe_multilingual_debug", "--run-dir", str(tmp_path), "--no-progress",
+                 *FAST, "--set=task.text.batch_size=8"]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["documents"] == 30 and "expert_usage" in results
+    assert list(results["per_language"]) == ["en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh",
+                                             "hi", "sw", "ur"]
+    assert all(s["documents"] == 2 and s["tokens"] > 1000 for s in results["per_language"].values())
+    assert sum(s["tokens"] for s in results["per_language"].values()) == results["tokens"]
+
+
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert main(["demo", "--run-dir", str(tmp_path), "--pretrain-steps", "3", "--finetune-steps", "3",
                  "--no-progress"]) == 0

@@ -9,7 +9,9 @@ offline and all under licenses that allow redistribution:
   keywords (``unicode-cldr-core``; both under the Unicode license): image-text, VQA, retrieval;
 - scikit-learn's handwritten digits (UCI, CC BY 4.0): image-text and VQA;
 - scikit-image's public-domain / CC0 sample photographs: image-only pretraining;
-- CPython's ``pydoc_data.topics`` (PSF) and scikit-learn's dataset descriptions (BSD-3): text.
+- CPython's ``pydoc_data.topics`` (PSF) and scikit-learn's dataset descriptions (BSD-3): text;
+- CLDR emoji names and keywords in the 15 languages of XNLI: multilingual text, for the
+  multilingual language modeling of MH-MoE (arXiv 2404.15045), which follows XLM on Wikipedia.
 
 Every image gets one split from a hash of its id, shared by all kinds, so no val image of any
 kind is in any train split; identical image bytes are kept once. Same package versions, same
@@ -18,7 +20,8 @@ bytes: fixed order, hash-based choices, no clocks.
     python -m data_pipelines.recipes.build_demo --out data_pipelines/bundled --overwrite
 
 Build-time only: ``pip install scikit-learn scikit-image`` and
-``apt-get install -y fonts-noto-color-emoji unicode-data unicode-cldr-core``.
+``apt-get install -y fonts-noto-color-emoji unicode-data unicode-cldr-core``; ``--multilingual-only``
+rebuilds the multilingual set and its tokenizer alone and needs only ``unicode-cldr-core``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ TEXT_CHUNK_CHARS = 2000
 TOKENIZER, TOKENIZER_VOCAB = "tokenizer.model", 4096
 CODEBOOK, CODEBOOK_CODES, CODEBOOK_IMAGE, CODEBOOK_PATCH, CODEBOOK_PATCHES = (
     "visual_codebook.safetensors", 1024, 32, 8, 100_000)
+# MH-MoE reports multilingual results on XNLI's 15 languages; CLDR annotates emoji in each.
+LANGUAGES = ("en", "fr", "es", "de", "el", "bg", "ru", "tr", "ar", "vi", "th", "zh", "hi", "sw", "ur")
+# A hash-chosen share of the emoji, in documents of this many, keeps the set near 1.4 MB (a document
+# in a tar costs two 512-byte headers); its own tokenizer, from its train split, covers the 15
+# scripts and spells characters it has no piece for in bytes.
+MULTILINGUAL, MULTILINGUAL_KEEP, MULTILINGUAL_EMOJI_PER_DOCUMENT = "multilingual", 0.6, 80
+MULTILINGUAL_TOKENIZER, MULTILINGUAL_VOCAB = "tokenizer_multilingual.model", 6000
+CLDR = "/usr/share/unicode/cldr/common"
 TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark", "1F3FF": "dark"}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # skimage.data loaders whose docstring releases the image into the public domain or under CC0;
@@ -83,8 +94,8 @@ DEBIAN = {  # package: {file name: known path}
     "fonts-noto-color-emoji": {"NotoColorEmoji.ttf": "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"},
     "unicode-data": {"emoji/emoji-test.txt": "/usr/share/unicode/emoji/emoji-test.txt",
                      "UnicodeData.txt": "/usr/share/unicode/UnicodeData.txt"},
-    "unicode-cldr-core": {"annotations/en.xml": "/usr/share/unicode/cldr/common/annotations/en.xml",
-                          "annotationsDerived/en.xml": "/usr/share/unicode/cldr/common/annotationsDerived/en.xml"},
+    "unicode-cldr-core": {**{f"annotations/{lang}.xml": f"{CLDR}/annotations/{lang}.xml" for lang in LANGUAGES},
+                          "annotationsDerived/en.xml": f"{CLDR}/annotationsDerived/en.xml"},
 }
 
 
@@ -212,6 +223,12 @@ def read_cldr_keywords(paths: list[Path]) -> dict[str, list[str]]:
             if node.get("type") != "tts" and node.text:
                 keywords.setdefault(node.get("cp"), [k.strip() for k in node.text.split("|") if k.strip()])
     return keywords
+
+
+def read_cldr_names(path: Path) -> dict[str, str]:
+    """CLDR short names (the ``tts`` annotations) by emoji, in the file's order."""
+    return {node.get("cp"): node.text.strip() for node in ET.parse(path).getroot().iter("annotation")
+            if node.get("type") == "tts" and node.text}
 
 
 def read_unicode_names(path: Path) -> dict[str, str]:
@@ -387,6 +404,58 @@ def text_samples() -> dict[str, list[tuple[str, dict]]]:
     return samples
 
 
+# --- multilingual text ------------------------------------------------------------------------
+
+def annotation_line(name: str, keywords: list[str]) -> str:
+    """``name: keyword, keyword, ...`` with the keywords other than the name itself."""
+    extra = [k for k in keywords if k.casefold() != name.casefold()]
+    return f"{name}: {', '.join(extra)}" if extra else name
+
+
+def multilingual_samples() -> dict[str, list[tuple[str, dict]]]:
+    """Per language, documents of ``MULTILINGUAL_EMOJI_PER_DOCUMENT`` consecutive emoji, a
+    ``name: keywords`` line each, with ``{"lang": ...}``. The emoji are a hash-chosen
+    ``MULTILINGUAL_KEEP`` of those CLDR names in English, in that file's order; each has one split
+    by the hash rule, the same in every language, so val is parallel text about emoji that no
+    train document names."""
+    files = {lang: debian_file("unicode-cldr-core", f"annotations/{lang}.xml") for lang in LANGUAGES}
+    names = {lang: read_cldr_names(path) for lang, path in files.items()}
+    keywords = {lang: read_cldr_keywords([path]) for lang, path in files.items()}
+    emoji = [cp for cp in names["en"] if cp in keywords["en"] and unit(MULTILINGUAL, cp) < MULTILINGUAL_KEEP]
+    samples: dict[str, list[tuple[str, dict]]] = {split: [] for split in SPLITS}
+    size = MULTILINGUAL_EMOJI_PER_DOCUMENT
+    for split in SPLITS:
+        chosen = [cp for cp in emoji if split_of(f"cldr-{cp}") == split]
+        for lang in LANGUAGES:
+            for i in range(0, len(chosen), size):
+                lines = [annotation_line(names[lang][cp], keywords[lang][cp]) for cp in chosen[i:i + size]
+                         if cp in names[lang] and cp in keywords[lang]]
+                if lines:
+                    samples[split].append((f"cldr-{lang}-{i // size:03d}", {"txt": "\n".join(lines),
+                                                                              "json": {"lang": lang}}))
+    return samples
+
+
+def multilingual_info() -> dict:
+    return {"languages": list(LANGUAGES), "keep": MULTILINGUAL_KEEP,
+            "emoji_per_document": MULTILINGUAL_EMOJI_PER_DOCUMENT, "tokenizer_vocab": MULTILINGUAL_VOCAB}
+
+
+def write_multilingual(out_dir: Path, *, overwrite: bool, progress: bool) -> dict[str, int]:
+    """``multilingual/{train,val}`` (shards of kind ``text``) and ``MULTILINGUAL_TOKENIZER``,
+    learned from that train split alone; returns the documents per split."""
+    tokenizer = out_dir / MULTILINGUAL_TOKENIZER
+    existing = [str(p) for p in (out_dir / MULTILINGUAL, tokenizer) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True (--overwrite)")
+    counts = {split: write_shards(out_dir / MULTILINGUAL / split, "text", samples, overwrite=overwrite,
+                                  progress=progress)
+              for split, samples in multilingual_samples().items()}
+    train_tokenizer(shard_texts([str(out_dir / MULTILINGUAL / "train")]), tokenizer, vocab_size=MULTILINGUAL_VOCAB,
+                    byte_fallback=True, overwrite=overwrite)
+    return counts
+
+
 # --- assembling -------------------------------------------------------------------------------
 
 def keep(kind: str, picture: Picture, split: str) -> bool:
@@ -431,36 +500,58 @@ def drop_duplicate_images(pictures: list[Picture]) -> tuple[list[Picture], list[
     return [p for p in pictures if id(p) in chosen], [p.image_id for p in pictures if id(p) not in chosen]
 
 
+def debian_version(package: str) -> str:
+    result = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
 def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for package in ("pillow", "numpy", "webdataset", "scikit-learn", "scikit-image"):
         found[package] = metadata.version(package)
     for package in DEBIAN:
-        result = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True)
-        found[package] = result.stdout.strip() if result.returncode == 0 else "unknown"
+        found[package] = debian_version(package)
     return found
+
+
+def copy_license(source: Path, target: Path) -> None:
+    if not source.exists():
+        raise FileNotFoundError(f"license file {source} is missing; reinstall the package that ships it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
 
 
 def copy_licenses(out_dir: Path) -> None:
     """License texts the sources require to travel with copies (Debian copyright files hold the
     OFL and Unicode texts verbatim)."""
-    licenses = out_dir / "licenses"
-    licenses.mkdir(parents=True, exist_ok=True)
     sources = {f"{package}.copyright": Path(f"/usr/share/doc/{package}/copyright") for package in DEBIAN}
     sources["python-LICENSE.txt"] = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
     sources["scikit-learn-COPYING.txt"] = Path(next(str(f.locate()) for f in metadata.files("scikit-learn")
                                                     if f.name == "COPYING"))
     for name, source in sources.items():
-        if not source.exists():
-            raise FileNotFoundError(f"license file {source} is missing; reinstall the package that ships it")
-        shutil.copyfile(source, licenses / name)
+        copy_license(source, out_dir / "licenses" / name)
+
+
+def write_shards(directory: Path, kind: str, samples, *, overwrite: bool, progress: bool) -> int:
+    """``samples`` (key, fields) as shards of ``kind`` in ``directory`` (``<set>/<split>``); how many."""
+    name = f"{directory.parent.name}-{directory.name}"
+    written = 0
+    with ShardSink(directory, kind, prefix=name, maxcount=SHARD_MAXCOUNT, overwrite=overwrite) as sink:
+        for key, fields in tqdm(samples, desc=name, disable=not progress, leave=False):
+            sink.write(key, fields)
+            written += 1
+    return written
+
+
+def write_build_info(out_dir: Path, info: dict) -> None:
+    (out_dir / "build_info.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
 
 
 def build_demo(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Write every kind's train/val shards, ``licenses/`` and ``build_info.json`` into ``out_dir``;
     returns ``{kind: {split: samples}}``. Refuses to replace existing shards unless ``overwrite``."""
     out_dir = Path(out_dir)
-    existing = [kind for kind in KINDS if (out_dir / kind).exists()]
+    existing = [kind for kind in (*KINDS, MULTILINGUAL) if (out_dir / kind).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True (--overwrite) "
                               f"to rebuild them")
@@ -471,20 +562,32 @@ def build_demo(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progre
     for kind in KINDS:
         for split in SPLITS:
             samples = fixed[kind][split] if kind in fixed else picture_samples(kind, split, pictures)
-            written = 0
-            with ShardSink(out_dir / kind / split, kind, prefix=f"{kind}-{split}", maxcount=SHARD_MAXCOUNT,
-                           overwrite=overwrite) as sink:
-                for key, fields in tqdm(samples, desc=f"{kind}/{split}", disable=not progress, leave=False):
-                    sink.write(key, fields)
-                    written += 1
-            counts.setdefault(kind, {})[split] = written
+            counts.setdefault(kind, {})[split] = write_shards(out_dir / kind / split, kind, samples,
+                                                              overwrite=overwrite, progress=progress)
+    counts[MULTILINGUAL] = write_multilingual(out_dir, overwrite=overwrite, progress=progress)
     copy_licenses(out_dir)
     build_derived(out_dir, overwrite=overwrite, progress=progress)
     info = {"counts": counts, "versions": versions(), "val_fraction": VAL_FRACTION,
             "keep": {f"{k}/{s}": f for (k, s), f in sorted(KEEP.items())},
-            "dropped_duplicate_images": duplicates}
-    (out_dir / "build_info.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+            "dropped_duplicate_images": duplicates, MULTILINGUAL: multilingual_info()}
+    write_build_info(out_dir, info)
     return counts
+
+
+def build_multilingual(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Only the multilingual set, its tokenizer and CLDR's license text (needs ``unicode-cldr-core``
+    alone), with their entries in ``build_info.json``: the bytes of a whole build."""
+    out_dir = Path(out_dir)
+    counts = write_multilingual(out_dir, overwrite=overwrite, progress=progress)
+    package = "unicode-cldr-core"
+    copy_license(Path(f"/usr/share/doc/{package}/copyright"), out_dir / "licenses" / f"{package}.copyright")
+    path = out_dir / "build_info.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    info.setdefault("counts", {})[MULTILINGUAL] = counts
+    info.setdefault("versions", {})[package] = debian_version(package)
+    info[MULTILINGUAL] = multilingual_info()
+    write_build_info(out_dir, info)
+    return {MULTILINGUAL: counts}
 
 
 def build_derived(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -510,10 +613,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BUNDLED, help=f"output directory (default {BUNDLED})")
     parser.add_argument("--overwrite", action="store_true", help="replace shards that already exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--derived-only", action="store_true",
-                        help="only the tokenizer and visual codebook, from the shards already there")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--derived-only", action="store_true",
+                      help="only the tokenizer and visual codebook, from the shards already there")
+    only.add_argument("--multilingual-only", action="store_true",
+                      help="only the multilingual text and its tokenizer (needs unicode-cldr-core alone)")
     args = parser.parse_args(argv)
-    build = build_derived if args.derived_only else build_demo
+    build = build_derived if args.derived_only else build_multilingual if args.multilingual_only else build_demo
     try:
         counts = build(args.out, overwrite=args.overwrite, progress=not args.quiet)
     except (OSError, ImportError, RuntimeError) as err:  # a missing package or existing output: say which

@@ -33,12 +33,15 @@ class LanguageModelingConfig(TaskConfig):
         text: the text stream; ``max_len`` is the packed sequence length T (the default,
             128, is the debug LM's ``max_seq_len``).
         tokenizer: the sentencepiece model.
+        eval_shards: the held-out text ``mmoe evaluate`` scores by default (per language as well
+            when its samples name their language).
         z_loss_weight: coefficient of the output-logit z-loss (OpenMoE: 1e-4 on its router
             logits; 0 disables it).
     """
 
     text: TextStreamConfig = TextStreamConfig(shards=("bundled:text/train",), batch_size=16, max_len=128)
     tokenizer: TokenizerConfig = TokenizerConfig()
+    eval_shards: tuple[str, ...] = ("bundled:text/val",)
     z_loss_weight: float = 0.0
 
     def check(self) -> None:
