@@ -132,7 +132,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _summary(results: dict) -> str:
-    keys = [k for k in ("vqa_accuracy", "i2t_r1", "t2i_r1", "r_mean", "perplexity", "bits_per_byte") if k in results]
+    keys = [k for k in ("vqa_accuracy", "i2t_r1", "t2i_r1", "r_mean", "perplexity", "bits_per_byte",
+                                "loss") if k in results]
     return ", ".join(f"{k} {results[k]:.2f}" for k in keys)
 
 
@@ -279,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--out", default=None, help="output folder (default: the checkpoint's run dir)")
     evaluate.add_argument("--text-shards", nargs="+", default=None,
-                          help="LM: held-out text shards for perplexity (default: bundled:text/val)")
+                          help="LM: held-out text shards for perplexity (default: the config's task.eval_shards)")
     evaluate.add_argument("--choices", default=None,
                           help='LM: a JSONL of {"context", "choices", "label"} for zero-shot multiple choice')
     evaluate.add_argument("--no-progress", action="store_true")

@@ -16,10 +16,13 @@ Reads each run's ``metrics.jsonl``, ``config.yaml`` and, when ``mmoe evaluate`` 
 The table's columns: the label; the model (kind, depth x dim) and its sparse FFN (kind and
 router, experts E, top-k K; ``dense`` when it has none) from ``config.yaml``; the last logged
 step; the final training loss, the mean of the last :data:`FINAL_INTERVALS` logged intervals
-with a finite loss (so one noisy interval does not decide it); the held-out loss, ln of the
-evaluated perplexity (mean negative log-likelihood per token, in nats, as the LM task's
-``lm_loss``); the perplexity; and at the last log step, averaged over the MoE layers and
-branches, the activation ratio, the dropped fraction and the max load.
+with a finite loss (so one noisy interval does not decide it); the held-out loss: for a language
+model ln of the evaluated perplexity (mean negative log-likelihood per token, in nats, as the LM
+task's ``lm_loss``), for masked data modeling the evaluated ``loss`` (the weighted masked-part
+losses, the training objective without auxiliary losses); the perplexity (LM only); and at the
+last log step, averaged over the MoE layers and branches, the activation ratio, the dropped
+fraction and the max load; and the activation ratio over the held-out data that ``mmoe
+evaluate`` measured (``expert_usage``), the one MH-MoE (arXiv 2404.15045) reports.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ PLOT_NAMES = {"activation_ratio": "activation_ratio.png", "dropped_fraction": "d
               "max_load": "load_balance.png"}
 COLUMNS = {"label": "run", "model": "model", "ffn": "ffn", "experts": "E", "top_k": "K", "steps": "steps",
            "train_loss": "train loss", "heldout_loss": "held-out loss", "perplexity": "perplexity",
-           "activation_ratio": "active", "dropped_fraction": "dropped", "max_load": "max load"}
+           "activation_ratio": "active", "dropped_fraction": "dropped", "max_load": "max load",
+           "heldout_activation": "held-out active"}
 
 
 def _number(value: Any) -> float:
@@ -87,21 +91,28 @@ def _results(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _heldout(path: Path | None, last_step: int) -> tuple[float | None, float | None, int | None]:
-    """(held-out loss, perplexity, evaluated step) of a ``results.json`` (Nones without a
-    perplexity); the step is that of the checkpoint it names (``.../step_0000400``), else the
-    run's last step."""
+def _heldout(path: Path | None, last_step: int) -> dict[str, Any]:
+    """From a ``results.json``: ``heldout_loss``, ``perplexity`` (None but for a language model),
+    ``heldout_step`` (that of the checkpoint it names, ``.../step_0000400``, else the run's last
+    step; None without a held-out loss) and ``heldout_activation`` (the expert activation ratio
+    over the held-out data, None without routed experts); all None without the file."""
+    found = dict.fromkeys(("heldout_loss", "perplexity", "heldout_step", "heldout_activation"))
     if path is None:
-        return None, None, None
+        return found
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e}); re-run mmoe evaluate or delete it") from None
-    perplexity = results.get("perplexity")
-    if not isinstance(perplexity, (int, float)) or not perplexity > 0:
-        return None, None, None
     match = re.search(r"step_(\d+)$", str(results.get("checkpoint", "")))
-    return math.log(perplexity), float(perplexity), int(match[1]) if match else last_step
+    perplexity, loss = results.get("perplexity"), results.get("loss")
+    if isinstance(perplexity, (int, float)) and perplexity > 0:
+        found.update(heldout_loss=math.log(perplexity), perplexity=float(perplexity))
+    elif isinstance(loss, (int, float)) and math.isfinite(loss):
+        found["heldout_loss"] = float(loss)
+    if found["heldout_loss"] is not None:
+        found["heldout_step"] = int(match[1]) if match else last_step
+    found["heldout_activation"] = results.get("expert_usage", {}).get("activation_ratio")
+    return found
 
 
 def _labels(run_dirs: list[Path], labels: list[str] | None) -> list[str]:
@@ -123,10 +134,8 @@ def _row(run_dir: Path, label: str, records: list[dict[str, Any]]) -> dict[str, 
     last = records[-1]
     losses = [x for x in (_number(r.get("loss")) for r in records) if math.isfinite(x)][-FINAL_INTERVALS:]
     results = _results(run_dir)
-    heldout_loss, perplexity, heldout_step = _heldout(results, last["step"])
     return {"label": label, "run_dir": str(run_dir), **_model_summary(run_dir), "steps": last["step"],
-            "train_loss": sum(losses) / len(losses) if losses else None,
-            "heldout_loss": heldout_loss, "perplexity": perplexity, "heldout_step": heldout_step,
+            "train_loss": sum(losses) / len(losses) if losses else None, **_heldout(results, last["step"]),
             "results": str(results) if results else None,
             **{stat: _or_none(_moe_mean(last, stat)) for stat in MOE_STATS}}
 

@@ -41,7 +41,8 @@ def runs(tmp_path) -> tuple[Path, Path]:
     ])
     (sparse / "eval").mkdir()
     (sparse / "eval" / "results.json").write_text(json.dumps(
-        {"task": "lm", "checkpoint": str(sparse / "checkpoints" / "step_0000020"), "perplexity": math.e ** 2}))
+        {"task": "lm", "checkpoint": str(sparse / "checkpoints" / "step_0000020"), "perplexity": math.e ** 2,
+         "expert_usage": {"activation_ratio": 0.625, "layers": {}}}))
     return dense, sparse
 
 
@@ -56,13 +57,14 @@ def test_the_table_holds_the_runs_values_and_the_plots_are_written(runs, tmp_pat
     assert rows["dense"] == {
         "label": "dense", "run_dir": str(dense), "model": "decoder_lm 2x64", "ffn": "dense", "experts": None,
         "top_k": None, "steps": 50, "train_loss": pytest.approx(11 / 3), "heldout_loss": None, "perplexity": None,
-        "heldout_step": None, "results": None, "activation_ratio": None, "dropped_fraction": None, "max_load": None}
+        "heldout_step": None, "results": None, "activation_ratio": None, "dropped_fraction": None, "max_load": None,
+        "heldout_activation": None}
     assert rows["sparse"] == {
         "label": "sparse", "run_dir": str(sparse), "model": "multiway_encoder 3x64", "ffn": "topk_moe/xmoe",
         "experts": 8, "top_k": 1, "steps": 20, "train_loss": pytest.approx(8.5), "heldout_loss": pytest.approx(2.0),
         "perplexity": pytest.approx(math.e ** 2), "heldout_step": 20, "results": str(sparse / "eval" / "results.json"),
         "activation_ratio": pytest.approx(0.75), "dropped_fraction": pytest.approx(0.03),
-        "max_load": pytest.approx(1.4)}
+        "max_load": pytest.approx(1.4), "heldout_activation": 0.625}
     assert json.loads((tmp_path / "out" / "compare.json").read_text()) == summary
     names = ["loss.png", "activation_ratio.png", "dropped_fraction.png", "load_balance.png"]
     assert summary["plots"] == [str(tmp_path / "out" / name) for name in names]
@@ -81,13 +83,23 @@ def test_cli_prints_the_table_under_the_given_labels(runs, tmp_path, capsys):
     assert main(["compare", *map(str, runs), "--out", str(out), "--labels", "baseline,xmoe"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "model", "ffn", "E", "K", "steps", "train", "loss", "held-out", "loss",
-                                "perplexity", "active", "dropped", "max", "load"]
+                                "perplexity", "active", "dropped", "max", "load", "held-out", "active"]
     assert lines[2].split() == ["baseline", "decoder_lm", "2x64", "dense", "-", "-", "50", "3.667", "-", "-", "-",
-                                "-", "-"]
+                                "-", "-", "-"]
     assert lines[3].split() == ["xmoe", "multiway_encoder", "3x64", "topk_moe/xmoe", "8", "1", "20", "8.5", "2",
-                                "7.389", "0.75", "0.03", "1.4"]
+                                "7.389", "0.75", "0.03", "1.4", "0.625"]
     assert str(out / "compare.json") in lines[-1]
     assert [row["label"] for row in json.loads((out / "compare.json").read_text())["runs"]] == ["baseline", "xmoe"]
+
+
+def test_a_masked_data_modeling_run_is_compared_by_its_evaluated_loss(runs, tmp_path):
+    sparse = runs[1]
+    (sparse / "eval" / "results.json").write_text(json.dumps(
+        {"task": "mmm", "checkpoint": str(sparse / "checkpoints" / "step_0000010"), "loss": 27.5,
+         "text_mlm_loss": 7.5}))
+    row = compare_runs([sparse], tmp_path / "out")["runs"][0]
+    assert (row["heldout_loss"], row["perplexity"], row["heldout_step"], row["heldout_activation"]) == (
+        27.5, None, 10, None)
 
 
 def test_folders_of_the_same_name_are_labelled_by_their_paths(runs, tmp_path):

@@ -90,10 +90,13 @@ def check_group_sizes(model: ModelConfig, batch_sizes: dict[str, int]) -> None:
 
 
 def _data_fields(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every ``shards`` / ``eval_shards`` / ``path`` field under ``node``."""
+    """(dotted key, value) of every ``shards`` / ``eval_shards`` / ``path`` field under ``node``
+    (an ``eval_shards`` of one shard list per stream gives each list)."""
     for f in fields(node) if hasattr(node, "__dataclass_fields__") else ():
         value, key = getattr(node, f.name), f"{prefix}{f.name}"
-        if f.name in ("shards", "eval_shards") and value:
+        if f.name in ("shards", "eval_shards") and hasattr(value, "__dataclass_fields__"):
+            yield from ((f"{key}.{g.name}", shards) for g in fields(value) if (shards := getattr(value, g.name)))
+        elif f.name in ("shards", "eval_shards") and value:
             yield key, value
         elif f.name == "path" and isinstance(value, str):
             yield key, value
@@ -116,7 +119,7 @@ class TaskConfig(Registry):
         problems = []
         for key, value in _data_fields(self, ""):
             try:
-                if key.endswith("shards"):
+                if isinstance(value, tuple):
                     shard_urls([str(data_path(s)) for s in value])
                 elif not data_path(value).is_file():
                     raise FileNotFoundError(f"{value} not found")

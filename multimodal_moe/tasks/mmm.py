@@ -23,29 +23,34 @@ counts per update) before the trainer and DDP average them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
+from tqdm import tqdm
 
 from data_pipelines.batches import pinned
 from data_pipelines.images import pretrain_transform
 from data_pipelines.masking import BlockMaskGenerator
 from data_pipelines.mixer import PretrainMixer, PretrainStep
 from data_pipelines.processors import ImageProcessor, ImageTextProcessor, TextProcessor
-from data_pipelines.streams import derive_seed
+from data_pipelines.streams import ShardStream, StreamLoader, derive_seed
 from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
 from data_pipelines.visual_targets import VisualTargets, build_visual_targets
 
 from ..configurable import ConfigError, Configurable, Registry, config
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
-from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path
+from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path, group_sizes
 from .streams import StreamConfig, TextStreamConfig, TokenizerConfig
 
-__all__ = ["KMeansTargetsConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "PixelTargetsConfig",
+__all__ = ["HeldOutShards", "KMeansTargetsConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "PixelTargetsConfig",
            "VQKDTargetsConfig", "VisualTargetsConfig"]
 
 
@@ -105,6 +110,16 @@ class PixelTargetsConfig(VisualTargetsConfig):
     normalize: bool = True
 
 
+@config
+class HeldOutShards(Configurable):
+    """The held-out split of each stream that :meth:`MaskedDataModeling.evaluate` scores
+    (the bundled dataset's val splits by default; a stream the task trains without is skipped)."""
+
+    image: tuple[str, ...] = ("bundled:image/val",)
+    text: tuple[str, ...] = ("bundled:text/val",)
+    image_text: tuple[str, ...] = ("bundled:image_text/val",)
+
+
 @TaskConfig.register("mmm")
 @config
 class MaskedDataModelingConfig(TaskConfig):
@@ -120,6 +135,8 @@ class MaskedDataModelingConfig(TaskConfig):
         crop_scale: area range of the random resized crop (BEiT v2: 0.2-1).
         loss_weights: per-stream weights.
         tie_mlm_head: the MLM head's weight is the text embedding's (plus its own bias).
+        eval_shards: the held-out split of each stream (:class:`HeldOutShards`).
+        eval_batch_size: samples per evaluation batch.
     """
 
     image: StreamConfig | None = StreamConfig(shards=("bundled:image/train",))
@@ -133,6 +150,8 @@ class MaskedDataModelingConfig(TaskConfig):
     crop_scale: tuple[float, ...] = (0.2, 1.0)
     loss_weights: LossWeights = LossWeights()
     tie_mlm_head: bool = True
+    eval_shards: HeldOutShards = HeldOutShards()
+    eval_batch_size: int = 64
 
     def check(self) -> None:
         if self.image is None and self.text is None and self.image_text is None:
@@ -143,6 +162,8 @@ class MaskedDataModelingConfig(TaskConfig):
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError("crop_scale", f"must be [low, high] with 0 < low <= high <= 1, "
                                             f"got {list(self.crop_scale)}")
+        if self.eval_batch_size < 1:
+            raise ConfigError("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
 
     def check_model(self, model: ModelConfig) -> None:
         if not isinstance(model, MultiwayEncoderConfig):
@@ -194,6 +215,17 @@ class WeightedStep:
     def _map(self, fn, step: PretrainStep) -> WeightedStep:
         return WeightedStep(step, self.weights, {k: fn(v) for k, v in self.masked.items()},
                             {k: fn(v) for k, v in self.labels.items()}, self.text_tokens)
+
+
+def _filled(batch, multiple: int):
+    """``batch`` with its first rows repeated after its last up to a multiple of ``multiple`` rows
+    (Mixture of Tokens mixes groups of examples); unchanged when it has one."""
+    rows = len(batch)
+    if rows % multiple == 0:
+        return batch
+    index = torch.arange(-(-rows // multiple) * multiple) % rows
+    return dataclasses.replace(batch, **{f.name: value[index] for f in dataclasses.fields(batch)
+                                         if isinstance(value := getattr(batch, f.name), torch.Tensor)})
 
 
 def _read_masks(step: PretrainStep) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
@@ -255,15 +287,27 @@ class MaskedDataModeling(Task):
             logits = self.mlm_head(hidden_MD)
         return _cross_entropy(logits.float(), labels_M)
 
+    def _stream(self, name: str, batch, masked: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
+                ) -> tuple[ModelOutput, dict[str, tuple[torch.Tensor, ...]]]:
+        """Encode one stream's batch; its loss parts, unweighted: part -> (loss, accuracy) (the
+        loss alone for pixel targets)."""
+        if name == "image":
+            out = self.model(images=batch.images_B3HW, image_mask=batch.image_mask_BP)
+            return out, {"image_mim": self._mim(out, batch.images_B3HW, masked["image_mim"])}
+        if name == "text":
+            out = self.model(text_ids=batch.text_ids_BL, text_padding_mask=batch.padding_mask_BL)
+            return out, {"text_mlm": self._mlm(out, masked["text_mlm"], labels["text_mlm"])}
+        out = self.model(images=batch.images_B3HW, image_mask=batch.image_mask_BP, text_ids=batch.text_ids_BL,
+                         text_padding_mask=batch.padding_mask_BL)
+        return out, {"image_text_mim": self._mim(out, batch.images_B3HW, masked["image_text_mim"]),
+                     "image_text_mlm": self._mlm(out, masked["image_text_mlm"], labels["image_text_mlm"])}
+
     def forward(self, step: PretrainStep | WeightedStep) -> TaskOutput:
-        w = self.cfg.loss_weights
         parts: dict[str, torch.Tensor] = {}
         total, aux, samples, tokens, stats = 0.0, 0.0, 0, 0, []
-
         if not isinstance(step, WeightedStep):
             step = self.prepare_step([step])[0]
         weighted, step = step, step.step
-        masked, labels = weighted.masked, weighted.labels
 
         def record(name: str, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
             values = tuple(v * weighted.weights[name] for v in values)
@@ -272,31 +316,71 @@ class MaskedDataModeling(Task):
                 parts[f"{name}_acc"] = values[1].detach()
             return values[0]
 
-        def encode(stream: str, **inputs) -> ModelOutput:
-            nonlocal aux, tokens
-            out = self.model(**inputs)
+        for name, batch in step.batches().items():
+            out, values = self._stream(name, batch, weighted.masked, weighted.labels)
             aux = aux + out.aux_loss
-            tokens += out.hidden.shape[0] * out.num_vision + weighted.text_tokens.get(stream, 0)
+            tokens += out.hidden.shape[0] * out.num_vision + weighted.text_tokens.get(name, 0)
             stats.append(out.moe_stats)
-            return out
-
-        if (b := step.image) is not None:
-            out = encode("image", images=b.images_B3HW, image_mask=b.image_mask_BP)
-            total = total + w.image * record("image_mim", self._mim(out, b.images_B3HW, masked["image_mim"]))
-            samples += len(b)
-        if (b := step.text) is not None:
-            out = encode("text", text_ids=b.text_ids_BL, text_padding_mask=b.padding_mask_BL)
-            total = total + w.text * record("text_mlm", self._mlm(out, masked["text_mlm"], labels["text_mlm"]))
-            samples += len(b)
-        if (b := step.image_text) is not None:
-            out = encode("image_text", images=b.images_B3HW, image_mask=b.image_mask_BP, text_ids=b.text_ids_BL,
-                         text_padding_mask=b.padding_mask_BL)
-            total = total + w.image_text * (
-                record("image_text_mim", self._mim(out, b.images_B3HW, masked["image_text_mim"]))
-                + record("image_text_mlm", self._mlm(out, masked["image_text_mlm"], labels["image_text_mlm"])))
-            samples += len(b)
+            total = total + getattr(self.cfg.loss_weights, name) * sum(record(part, v) for part, v in values.items())
+            samples += len(batch)
         parts["aux_loss"] = torch.as_tensor(aux).detach()
         return TaskOutput(total + aux, parts, samples, tokens, stats)
+
+    @torch.no_grad()
+    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False
+                 ) -> dict[str, Any]:
+        """Masked data modeling on the held-out splits (``eval_shards``) of the streams the task
+        trains on, corrupted as in training (the same mask ratios, crops and MLM rule) with seeds
+        fixed by each sample's place in its split, so every checkpoint is scored on the same masks
+        (at the same world size and loader workers). For each part, ``<part>_loss`` (and
+        ``<part>_acc`` for codes and tokens) is the mean over all masked positions of the split,
+        summed over ranks; ``loss`` is the parts weighted as in training (``loss_weights``), the
+        training objective without auxiliary losses; ``masked`` counts the positions and
+        ``samples`` the samples of each stream. A batch of a Mixture-of-Tokens model is filled up
+        to a multiple of its group size with repeats of its first samples, which are not scored.
+        ``out_dir`` is unused: the report is all there is."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        multiple = math.lcm(1, *group_sizes(self.model.cfg).values())
+        sums = torch.zeros(len(PARTS), 3, dtype=torch.float64)  # loss x count, accuracy x count, count
+        samples: dict[str, int] = {}
+        for name, processor in self._processors().items():
+            stream = ShardStream([str(data_path(s)) for s in getattr(self.cfg.eval_shards, name)], processor,
+                                 batch_size=self.cfg.eval_batch_size, resampled=False, shuffle_buffer=0)
+            samples[name] = 0
+            for batch in tqdm(StreamLoader(stream, num_workers=num_workers), desc=f"evaluate {name}",
+                              disable=not progress, leave=False):
+                masked, labels, _ = _read_masks(PretrainStep(0, **{name: batch}))
+                _, values = self._stream(name, _filled(batch, multiple).to(device),
+                                         {k: v.to(device) for k, v in masked.items()},
+                                         {k: v.to(device) for k, v in labels.items()})
+                for part, value in values.items():
+                    count = len(masked[part])
+                    sums[PARTS.index(part)] += torch.tensor([float(value[0]) * count,
+                                                             float(value[-1]) * count if len(value) > 1 else 0.0,
+                                                             count], dtype=torch.float64)
+                samples[name] += len(batch)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            counts = torch.tensor(list(samples.values()), dtype=torch.float64)
+            dist.all_reduce(sums)  # CPU tensors: the process group always has gloo for them
+            dist.all_reduce(counts)
+            samples = dict(zip(samples, (int(c) for c in counts.tolist())))
+        report: dict[str, Any] = {"masked": {}, "samples": samples}
+        loss = 0.0
+        for part, (loss_sum, correct, count) in zip(PARTS, sums.tolist()):
+            stream = part.rsplit("_", 1)[0]
+            if stream not in samples:
+                continue
+            report["masked"][part] = int(count)
+            mean = loss_sum / count if count else float("nan")
+            report[f"{part}_loss"] = mean
+            if part.endswith("_mlm") or self.visual_targets.num_classes is not None:
+                report[f"{part}_acc"] = correct / count if count else float("nan")
+            loss += getattr(self.cfg.loss_weights, stream) * mean
+        report["loss"] = loss
+        self.train(was_training)
+        return report
 
     def prepare_step(self, micro_batches: list[PretrainStep]) -> list[WeightedStep]:
         """Each micro-batch with its masked positions read on the host (:class:`WeightedStep`)
@@ -323,23 +407,26 @@ class MaskedDataModeling(Task):
 
     # -- data --------------------------------------------------------------------------------
 
-    def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> PretrainMixer:
+    def _processors(self) -> dict[str, ImageProcessor | TextProcessor | ImageTextProcessor]:
+        """The sample processor of each stream the task trains on: augmentation and masking."""
         cfg, mcfg = self.cfg, self.model.cfg
         grid = mcfg.image_size // mcfg.patch_size
         # BEiT v2's smallest block is 16 of 196 patches; small grids scale it down
         mask = BlockMaskGenerator(grid, ratio=cfg.image_mask_ratio, min_block=min(16, max(1, grid * grid // 12)))
         transform = pretrain_transform(mcfg.image_size, scale=tuple(cfg.crop_scale))
-        processors = {
+        make = {
             "image": lambda s: ImageProcessor(transform, mask),
             "text": lambda s: TextProcessor(self.tokenizer, s.max_len, cfg.text_mask_ratio),
             "image_text": lambda s: ImageTextProcessor.build(self.tokenizer, transform, mask=mask, max_len=s.max_len,
                                                             mlm_ratio=cfg.image_text_mask_ratio),
         }
-        loaders, ratios = {}, {}
-        for i, (name, make) in enumerate(processors.items()):
-            if (stream := getattr(cfg, name)) is not None:
-                loaders[name] = stream.loader(make(stream), seed=derive_seed(seed, i), num_workers=num_workers,
-                                              pin_memory=pin_memory)
+        return {name: build(stream) for name, build in make.items() if (stream := getattr(cfg, name)) is not None}
+
+    def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> PretrainMixer:
+        loaders, ratios, processors = {}, {}, self._processors()
+        for i, name in enumerate(("image", "text", "image_text")):  # the seed index of a stream is fixed
+            if (stream := getattr(self.cfg, name)) is not None:
+                loaders[name] = stream.loader(processors[name], seed=derive_seed(seed, i),
+                                              num_workers=num_workers, pin_memory=pin_memory)
                 ratios[name] = stream.ratio
         return PretrainMixer(loaders, ratios)
-
