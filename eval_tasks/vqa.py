@@ -107,6 +107,9 @@ class VQAConfig(ImageTextFinetuneConfig):
             return dataclasses.replace(self, answers=saved.answers)
         return self
 
+    def heads_depend_on(self) -> dict[str, Any]:
+        return {"answers": tuple(self.answers)}
+
     def build(self, model: nn.Module) -> VQA:
         return VQA(self, model)
 

@@ -118,3 +118,20 @@ def test_topk_config_keeps_the_experts(top_k):
     mot = mm.load_config("lm/mot_debug").model.moe_ffn
     assert (cfg.model.moe_ffn.hidden_dim, cfg.model.moe_ffn.num_experts, cfg.model.moe_ffn.activation) == (
         mot.hidden_dim, mot.num_experts, mot.activation)
+
+
+@pytest.mark.parametrize("answers, loaded", [(("one", "two", "three"), True), (("three", "two", "one"), False)])
+def test_init_takes_a_vqa_head_only_with_its_answer_list(tmp_path, capsys, answers, loaded):
+    """A VQA head of the same shape over another answer list (or order) means other answers: the
+    new run keeps its fresh head and takes the backbone alone."""
+    from multimodal_moe.training import Trainer
+
+    saved = mm.load_config("finetune/vqa_debug", ["task.answers=[one,two,three]", "seed=5"])  # other weights
+    task = build_task(saved)
+    start = save_checkpoint(tmp_path / "vqa" / "checkpoints", 1, task=task, state={}, cfg=saved)
+    cfg = mm.load_config("finetune/vqa_debug", [f"task.answers=[{','.join(answers)}]", "train.num_workers=0"])
+    with Trainer(cfg, tmp_path / "run", progress=False, init=start) as trainer:
+        heads = {n: p for n, p in trainer.task.named_parameters() if n.startswith("head.") and p.dim() > 1}
+        assert heads and all(torch.equal(p, task.get_parameter(n)) is loaded for n, p in heads.items())
+        assert torch.equal(trainer.task.model.text_embed.tokens.weight, task.model.text_embed.tokens.weight)
+    assert f"--init: {'backbone and heads' if loaded else 'backbone'} from" in capsys.readouterr().err

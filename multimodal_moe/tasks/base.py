@@ -137,6 +137,12 @@ class TaskConfig(Registry):
         heads' weights depend on and this one leaves open; used to evaluate a checkpoint."""
         return self
 
+    def heads_depend_on(self) -> dict[str, Any]:
+        """What the heads' weights mean beyond their shapes (a VQA head's answer list, in its
+        order); two configs whose heads have the same names and shapes can share head weights
+        only if these agree."""
+        return {}
+
 
 class Task(nn.Module):
     """Base class: ``self.model`` is the backbone; subclasses add heads and define
