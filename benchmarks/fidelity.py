@@ -1,22 +1,29 @@
 """The seed papers' claims, measured here at debug size: dense vs X-MoE vs MH-MoE vs Mixture of
 Tokens at equal expert FLOPs, for language modeling and for masked data modeling; prints JSON.
 
-    python benchmarks/fidelity.py [--families lm beit3] [--methods dense xmoe mhmoe mot]
+    python benchmarks/fidelity.py [--families lm beit3] [--methods dense xmoe mhmoe mot xmoe_32e mhmoe_32e]
                                   [--seeds 0 1] [--steps N] [--out fidelity]
 
 For every family, method and seed, in this process and one after another: ``mmoe pretrain`` of
 the family's debug preset (``<family>/debug`` for dense, ``<family>/<method>_debug`` else; every
 MoE one does the dense FFN's expert multiply-adds per token with 8 experts, as
-``tests/test_preset_fidelity.py`` checks) with ``seed`` set, then ``mmoe evaluate`` of its last
-checkpoint: held-out perplexity (LM) or masked data modeling loss (BEiT-3) and the expert
+``tests/test_preset_fidelity.py`` checks; ``xmoe_32e`` and ``mhmoe_32e`` are those presets with
+32 of the same experts, the papers' other setting) with ``seed`` set, then ``mmoe evaluate`` of
+its last checkpoint: held-out perplexity (LM) or masked data modeling loss (BEiT-3) and the expert
 activation ratio over the held-out data. Each family's runs are then put side by side by ``mmoe
-compare`` (``OUT/<family>/compare/``: ``compare.json`` and the loss and MoE-statistic plots).
+compare`` (``OUT/<family>/compare/``: ``compare.json`` and the loss and MoE-statistic plots). A
+run evaluated before under the same config (``OUT/<family>/<method>-seed<S>/fidelity.json``) is
+read back, and one interrupted mid-way resumes from its last checkpoint, so methods can be added
+to an earlier invocation's folder at the cost of the new runs alone.
 
 The JSON holds, per family and method, the preset, its expert multiply-adds per token, each
-seed's numbers and their mean and standard deviation over seeds; and ``claims``, per family, the
-two numbers MH-MoE (arXiv 2404.15045) reports against X-MoE: the held-out expert activation
-(MH-MoE above X-MoE) and the held-out loss (MH-MoE below X-MoE), each as MH-MoE's mean, X-MoE's
-mean and the difference. With two seeds the spread says how much of a difference is noise.
+seed's numbers (with the training-time max load and dropped fraction of the last log interval,
+for top-k routers) and their mean and standard deviation over seeds; and ``claims``, per family: the
+two numbers MH-MoE (arXiv 2404.15045) reports against X-MoE, the held-out expert activation
+(MH-MoE above X-MoE) and the held-out loss (MH-MoE below X-MoE), at 8 experts and (``_32e``) at
+32, and every method's held-out loss against the dense model's. Each is a difference of means
+and, seed by seed, of runs that saw the same data in the same order (``per_seed``), with
+``every_seed_agrees``: a difference whose sign flips between seeds is within the noise.
 """
 
 from __future__ import annotations
@@ -35,16 +42,22 @@ import multimodal_moe as mm
 from eval_tasks.evaluate import evaluate_checkpoint
 from multimodal_moe.bench import expert_macs_per_token
 from multimodal_moe.compare import compare_runs, format_table
+from multimodal_moe.config import dump_config
 from multimodal_moe.runtime import keep_freed_memory
 from multimodal_moe.training import Checkpoint, train
 
 FAMILIES = ("lm", "beit3")
-METHODS = ("dense", "xmoe", "mhmoe", "mot")
-NUMBERS = ("heldout_loss", "perplexity", "heldout_activation", "train_loss", "seconds")
+METHODS = ("dense", "xmoe", "mhmoe", "mot", "xmoe_32e", "mhmoe_32e")
+EXPERTS_32 = "model.moe_ffn.num_experts=32"  # the same experts, 4x as many: the papers' 32-expert setting
+NUMBERS = ("heldout_loss", "perplexity", "heldout_activation", "train_loss", "max_load", "dropped_fraction", "seconds")
 
 
 def preset(family: str, method: str) -> str:
-    return f"{family}/debug" if method == "dense" else f"{family}/{method}_debug"
+    return f"{family}/debug" if method == "dense" else f"{family}/{method.removesuffix('_32e')}_debug"
+
+
+def overrides(method: str) -> list[str]:
+    return [EXPERTS_32] if method.endswith("_32e") else []
 
 
 def expert_macs(cfg: mm.Config) -> float:
@@ -54,15 +67,22 @@ def expert_macs(cfg: mm.Config) -> float:
 
 
 def run_one(family: str, method: str, seed: int, steps: int | None, out: Path) -> tuple[Path, dict]:
-    """Train and evaluate one run; its folder and the numbers it adds to the compare table."""
-    overrides = [f"seed={seed}", "train.num_workers=0"] + ([f"train.steps={steps}"] if steps else [])
-    cfg = mm.load_config(preset(family, method), overrides)
+    """Train and evaluate one run; its folder and the numbers it adds to the compare table. A
+    run that has been evaluated under the same config before (an earlier, interrupted or
+    narrower invocation) is read back instead of trained again."""
+    changes = [*overrides(method), f"seed={seed}", "train.num_workers=0"] + ([f"train.steps={steps}"] if steps else [])
+    cfg = mm.load_config(preset(family, method), changes)
     run_dir = out / family / f"{method}-seed{seed}"
+    done = run_dir / "fidelity.json"
+    if done.is_file() and json.loads(done.read_text())["config"] == dump_config(cfg):
+        return run_dir, {"seconds": json.loads(done.read_text())["seconds"]}
     start = time.perf_counter()
-    train(cfg, run_dir, progress=False)
+    train(cfg, run_dir, progress=False, resume=(run_dir / "checkpoints").is_dir())
     checkpoint = Checkpoint.open(run_dir)
     evaluate_checkpoint(checkpoint, checkpoint.config, run_dir)
-    return run_dir, {"seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    done.write_text(json.dumps({"config": dump_config(cfg), "seconds": seconds}))
+    return run_dir, {"seconds": seconds}
 
 
 def spread(values: list[float | None]) -> dict[str, float | None]:
@@ -72,15 +92,36 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def paired(ours: dict, theirs: dict, number: str) -> dict:
+    """``ours - theirs`` for ``number``: of the means, and seed by seed (the same seed gives both
+    runs the same data order, so its difference carries less noise than either value), and
+    whether every seed's difference has the sign of the means'."""
+    mean_a, mean_b = ours[number]["mean"], theirs[number]["mean"]
+    per_seed = [None if None in (a[number], b[number]) else a[number] - b[number]
+                for a, b in zip(ours["runs"], theirs["runs"])]
+    difference = None if None in (mean_a, mean_b) else mean_a - mean_b
+    same_sign = (difference is not None and None not in per_seed and difference != 0
+                 and all(d * difference > 0 for d in per_seed))
+    return {"difference": difference, "per_seed": per_seed, "every_seed_agrees": same_sign}
+
+
 def claims(methods: dict[str, dict]) -> dict[str, dict]:
-    """MH-MoE's two claims against X-MoE, from the per-method means."""
-    if "xmoe" not in methods or "mhmoe" not in methods:
-        return {}
+    """MH-MoE's two claims against X-MoE at each expert count run, and each method's held-out
+    loss against the dense model's (the MoE papers' common claim: lower at equal FLOPs)."""
     found = {}
-    for number, direction in (("heldout_activation", "higher"), ("heldout_loss", "lower")):
-        ours, theirs = methods["mhmoe"][number]["mean"], methods["xmoe"][number]["mean"]
-        found[number] = {"mhmoe": ours, "xmoe": theirs, "mhmoe_minus_xmoe": None if None in (ours, theirs)
-                         else ours - theirs, "paper": f"MH-MoE {direction}"}
+    for suffix in ("", "_32e"):
+        ours, theirs = methods.get(f"mhmoe{suffix}"), methods.get(f"xmoe{suffix}")
+        if ours is None or theirs is None:
+            continue
+        for number, direction in (("heldout_activation", "higher"), ("heldout_loss", "lower")):
+            found[f"mhmoe_vs_xmoe{suffix}_{number}"] = {
+                "mhmoe": ours[number]["mean"], "xmoe": theirs[number]["mean"], "paper": f"MH-MoE {direction}",
+                **paired(ours, theirs, number)}
+    if "dense" in methods:
+        for method, numbers in methods.items():
+            if method != "dense":
+                found[f"{method}_vs_dense_heldout_loss"] = {"paper": f"{method} lower",
+                                                            **paired(numbers, methods["dense"], "heldout_loss")}
     return found
 
 
@@ -88,7 +129,7 @@ def bench_family(family: str, methods: list[str], seeds: list[int], steps: int |
     runs, extra, labels = [], {}, []
     for method in methods:
         for seed in seeds:
-            print(f"fidelity: {preset(family, method)} seed {seed}", file=sys.stderr)
+            print(f"fidelity: {family} {method} ({preset(family, method)}) seed {seed}", file=sys.stderr)
             run_dir, numbers = run_one(family, method, seed, steps, out)
             runs.append(run_dir)
             labels.append(run_dir.name)
@@ -98,9 +139,10 @@ def bench_family(family: str, methods: list[str], seeds: list[int], steps: int |
     rows = {row["label"]: {**row, **extra[row["label"]]} for row in summary["runs"]}
     result = {}
     for method in methods:
-        cfg = mm.load_config(preset(family, method))
+        cfg = mm.load_config(preset(family, method), overrides(method))
         mine = [rows[f"{method}-seed{seed}"] for seed in seeds]
-        result[method] = {"preset": preset(family, method), "expert_macs_per_token": expert_macs(cfg),
+        result[method] = {"preset": preset(family, method), "overrides": overrides(method),
+                          "expert_macs_per_token": expert_macs(cfg),
                           "steps": mine[0]["steps"],
                           "runs": [{"seed": seed, **{n: row[n] for n in NUMBERS}} for seed, row in zip(seeds, mine)],
                           **{n: spread([row[n] for row in mine]) for n in NUMBERS}}
