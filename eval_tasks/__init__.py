@@ -1,8 +1,9 @@
 """Fine-tuning and evaluation tasks for multimodal_moe (VQA, retrieval, LM evaluation).
 
 Tasks sit on top of ``multimodal_moe`` and ``data_pipelines``; neither imports this package.
-Importing it registers its task kinds (``vqa``, ...) with :class:`multimodal_moe.tasks.TaskConfig`,
-so that configs naming them load; the ``mmoe`` command line does so itself.
+Its task kinds (``vqa``, ``retrieval``) are entry points of the ``multimodal_moe.tasks`` group
+(``pyproject.toml``): a config or checkpoint that names one imports its module then, in any
+process.
 """
 
 from .retrieval import Retrieval, RetrievalConfig

@@ -35,6 +35,7 @@ from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, SkipSample
 from data_pipelines.streams import tar_samples
 from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.models import ModelOutput
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
 from multimodal_moe.tasks.streams import TextStreamConfig
@@ -135,7 +136,8 @@ class VQA(ImageTextFinetune):
     def lr_scales(self) -> dict[str, float]:
         return {n: self.cfg.head_lr_scale for n, _ in self.named_parameters() if n.startswith(("pooler.", "head."))}
 
-    def logits(self, batch: VQABatch) -> torch.Tensor:
+    def logits(self, batch: VQABatch) -> tuple[torch.Tensor, ModelOutput]:
+        """Answer scores (B, A) in fp32, and the encoder's output (for its MoE losses and stats)."""
         out = self.model(images=batch.images_B3HW, text_ids=batch.text_ids_BL, text_padding_mask=batch.padding_mask_BL)
         return self.head(self.pooler(out.hidden[:, 0])).float(), out
 

@@ -362,8 +362,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import eval_tasks  # noqa: F401  (registers the fine-tuning task kinds, so their configs load)
-
     from .training import CheckpointError, RunDirLocked
 
     args = parser().parse_args(argv)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import importlib.metadata
 import re
 import types
 import typing
@@ -68,16 +70,23 @@ class Registry(Configurable):
     """Base of a family of configs selected by a ``kind`` key.
 
     A direct subclass declares the family (``class FFNConfig(Registry): ...``); its concrete
-    configs register themselves under a kind name with ``@FFNConfig.register("dense")``.
+    configs register themselves under a kind name with ``@FFNConfig.register("dense")``. A kind
+    whose module should load only when a config names it is declared by name instead: in code
+    with :meth:`register_lazy` (``"package.module:Class"``), or, from any installed package, as
+    an entry point of the family's ``entry_points`` group (``[project.entry-points.
+    "multimodal_moe.tasks"]`` ``vqa = "eval_tasks.vqa:VQAConfig"`` in its ``pyproject.toml``).
+    Either way the module is imported the first time the kind is looked up, and registers it.
     """
 
     kind: ClassVar[str] = ""
+    entry_points: ClassVar[str | None] = None  # the entry-point group of a family's lazy kinds
     _kinds: ClassVar[dict[str, type]]
+    _lazy: ClassVar[dict[str, str]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if Registry in cls.__bases__:
-            cls._kinds = {}
+            cls._kinds, cls._lazy = {}, {}
 
     @classmethod
     def register(cls, kind: str):
@@ -91,9 +100,47 @@ class Registry(Configurable):
         return add
 
     @classmethod
+    def register_lazy(cls, kind: str, target: str) -> None:
+        """Declare ``kind`` as the class ``target`` (``"package.module:Class"``), imported when
+        the kind is first looked up."""
+        if kind in cls._kinds or cls._lazy.get(kind, target) != target:
+            raise ValueError(f"{cls.__name__} kind {kind!r} is registered twice")
+        cls._lazy[kind] = target
+
+    @classmethod
+    def _declared(cls) -> dict[str, str]:
+        """Lazy kinds by name: the entry points of the family's group, then :meth:`register_lazy`."""
+        declared = {}
+        if cls.entry_points:
+            declared = {point.name: point.value for point in importlib.metadata.entry_points(group=cls.entry_points)}
+        return declared | cls._lazy
+
+    @classmethod
+    def kind_names(cls) -> list[str]:
+        """Every kind this family can build, registered or declared, sorted."""
+        return sorted(cls._kinds.keys() | cls._declared().keys())
+
+    @classmethod
+    def resolve(cls, kind: str) -> type:
+        """The config class of ``kind``, importing its module if it is declared lazily.
+
+        Raises:
+            KeyError: no such kind.
+            ImportError: its module does not load, or does not register the kind it declares.
+        """
+        if kind not in cls._kinds:
+            target = cls._declared()[kind]
+            module, _, name = target.partition(":")
+            loaded = getattr(importlib.import_module(module), name, None)
+            if loaded is None or cls._kinds.get(kind) is not loaded:
+                raise ImportError(f"{target} does not register {cls.__name__} kind {kind!r} (it needs "
+                                  f"@{cls.__name__}.register({kind!r}))")
+        return cls._kinds[kind]
+
+    @classmethod
     def kinds(cls) -> dict[str, type]:
-        """Registered kind names and their config classes."""
-        return dict(cls._kinds)
+        """Every kind's name and config class (importing the modules of lazy ones)."""
+        return {kind: cls.resolve(kind) for kind in cls.kind_names()}
 
 
 def _family(tp: Any) -> type | None:
@@ -183,14 +230,13 @@ def _parse_mapping(cls: type, data: Any, key: str) -> Any:
         raise ConfigError(key, f"expected a mapping, got {_describe(data)}")
     family = _family(cls)
     if family is not None:
-        kinds = family.kinds()
+        kinds = family.kind_names()
         kind = data.get("kind")
         if kind is None:
-            raise ConfigError(key, f"missing 'kind'; valid kinds: {', '.join(sorted(kinds))}")
+            raise ConfigError(key, f"missing 'kind'; valid kinds: {', '.join(kinds)}")
         if kind not in kinds:
-            raise ConfigError(f"{key}.kind" if key else "kind",
-                              f"unknown kind {kind!r}; valid kinds: {', '.join(sorted(kinds))}")
-        cls = kinds[kind]
+            raise ConfigError(f"{key}.kind" if key else "kind", f"unknown kind {kind!r}; valid kinds: {', '.join(kinds)}")
+        cls = family.resolve(kind)
         data = {k: v for k, v in data.items() if k != "kind"}
     elif "kind" in data and data["kind"] != getattr(cls, "kind", None):
         raise ConfigError(f"{key}.kind" if key else "kind", f"{cls.__name__} takes no kind {data['kind']!r}")

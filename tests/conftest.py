@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import eval_tasks  # noqa: F401  (registers the fine-tuning task kinds, as the command line does)
 import multimodal_moe as mm
 
 DEBUG_PRESETS = [name for name in mm.list_presets() if "debug" in name]

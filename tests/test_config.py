@@ -181,3 +181,44 @@ def test_configs_built_in_python_are_checked_and_frozen():
     assert info.value.key == "heads"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.depth = 3
+
+
+FAMILY = '''
+from multimodal_moe.configurable import Registry
+
+class Thing(Registry):
+    pass
+
+Thing.register_lazy("late", "late_thing:LateThing")
+Thing.register_lazy("broken", "late_thing:Missing")
+'''
+LATE = '''
+from multimodal_moe.configurable import config
+from thing_family import Thing
+
+@Thing.register("late")
+@config
+class LateThing(Thing):
+    size: int = 1
+'''
+
+
+def test_a_lazy_kind_loads_its_module_when_a_config_names_it(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "thing_family.py").write_text(FAMILY)
+    (tmp_path / "late_thing.py").write_text(LATE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from thing_family import Thing
+
+    assert Thing.kind_names() == ["broken", "late"] and "late_thing" not in sys.modules
+    with pytest.raises(ConfigError, match="unknown kind 'early'; valid kinds: broken, late"):
+        parse(Thing, {"kind": "early"})
+    thing = parse(Thing, {"kind": "late", "size": 3})
+    assert type(thing).__module__ == "late_thing" and thing.size == 3 and to_dict(thing) == {"kind": "late", "size": 3}
+    with pytest.raises(ImportError, match=r"late_thing:Missing does not register Thing kind 'broken'"):
+        parse(Thing, {"kind": "broken"})
+    with pytest.raises(ValueError, match="registered twice"):
+        Thing.register_lazy("late", "elsewhere:LateThing")
+    monkeypatch.delitem(sys.modules, "thing_family")
+    monkeypatch.delitem(sys.modules, "late_thing")

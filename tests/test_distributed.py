@@ -211,7 +211,6 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_with_a_checkpoint(tmp_pat
 
 
 def evaluate_on_rank(rank: int, preset: str, out: Path) -> None:
-    import eval_tasks  # noqa: F401
     from multimodal_moe.distributed import init_distributed
     from multimodal_moe.training import build_task
 
@@ -228,7 +227,6 @@ EVAL_DROPLESS = ["model.moe_ffn.eval_capacity_factor=dropless"]
 
 @pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug"])
 def test_evaluation_at_world_two_gathers_every_rank_share(tmp_path, preset):
-    import eval_tasks  # noqa: F401
     from multimodal_moe.training import build_task
 
     single = build_task(mm.load_config(preset, EVAL_DROPLESS)).evaluate(None)

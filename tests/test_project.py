@@ -91,3 +91,31 @@ def test_console_script_lists_presets():
     mmoe = Path(sys.executable).parent / "mmoe"
     out = subprocess.run([str(mmoe), "presets"], capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in out.splitlines()] == mm.list_presets()
+
+
+def fresh_python(code: str) -> str:
+    """stdout of ``code`` in a new interpreter: what a user's first script sees, whatever this
+    process has imported."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+
+def test_importing_the_library_loads_no_data_stack():
+    modules = ("webdataset", "sentencepiece", "data_pipelines", "eval_tasks")
+    code = f"import sys, multimodal_moe; print([m for m in {modules} if m in sys.modules])"
+    assert fresh_python(code).strip() == "[]"
+
+
+def test_a_fresh_process_loads_every_task_kind_and_a_fine_tuned_checkpoint(tmp_path):
+    from multimodal_moe.training import build_task
+    from multimodal_moe.training.checkpoint import save_checkpoint
+
+    cfg = mm.load_config("finetune/vqa_debug", ["task.answers=[one,two,three]"])
+    save_checkpoint(tmp_path / "vqa" / "checkpoints", 1, task=build_task(cfg), state={}, cfg=cfg)
+    out = fresh_python(
+        "import multimodal_moe as mm\n"
+        "print(*(mm.load_config(f'configs/{name}.yaml').task.kind for name in mm.list_presets()))\n"
+        f"model = mm.load_checkpoint({str(tmp_path / 'vqa')!r})\n"
+        "print(type(model).__name__, model.training)\n")
+    kinds, model = out.splitlines()
+    assert kinds.split() == [mm.load_config(name).task.kind for name in mm.list_presets()]
+    assert {"lm", "mmm", "vqa", "retrieval"} <= set(kinds.split()) and model == "MultiwayEncoder False"

@@ -1,18 +1,31 @@
-"""Tasks the trainer trains: each owns its heads, loss and data (see ``tasks.base``)."""
+"""Tasks the trainer trains: each owns its heads, loss and data (see ``tasks.base``).
+
+The task modules (and the data stack they read) load on first use: ``import multimodal_moe``
+reads no shards, and ``from multimodal_moe.tasks import MaskedDataModeling`` imports its module
+then.
+"""
+
+from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-
-from data_pipelines.visual_targets import codebook_patch_size
+from typing import Any
 
 from ..models import DecoderLMConfig, ModelConfig
 from .base import Task, TaskConfig, TaskOutput, TrainData, data_path, group_sizes
-from .lm import LanguageModeling, LanguageModelingConfig
-from .mmm import KMeansTargetsConfig, MaskedDataModeling, MaskedDataModelingConfig, PixelTargetsConfig
-from .streams import StreamConfig
 
 __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "Task",
            "TaskConfig", "TaskOutput", "TrainData", "data_path", "default_task"]
+
+_LAZY = {"LanguageModeling": "lm", "LanguageModelingConfig": "lm", "MaskedDataModeling": "mmm",
+         "MaskedDataModelingConfig": "mmm", "KMeansTargetsConfig": "mmm", "PixelTargetsConfig": "mmm"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_task(model: ModelConfig) -> TaskConfig:
@@ -20,6 +33,12 @@ def default_task(model: ModelConfig) -> TaskConfig:
     data modeling for the Multiway encoder, both on the bundled dataset, with batch sizes
     rounded up to a multiple of any Mixture-of-Tokens group size. The encoder predicts the
     bundled k-means codes when its patches have their size (8 pixels), else normalised pixels."""
+    from data_pipelines.visual_targets import codebook_patch_size
+
+    from .lm import LanguageModelingConfig
+    from .mmm import KMeansTargetsConfig, MaskedDataModelingConfig, PixelTargetsConfig
+    from .streams import StreamConfig
+
     if isinstance(model, DecoderLMConfig):
         task = LanguageModelingConfig()
     else:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -105,7 +105,12 @@ def _data_fields(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
 
 
 class TaskConfig(Registry):
-    """Base of the task family; ``kind`` selects the task."""
+    """Base of the task family; ``kind`` selects the task. Kinds are declared by name and their
+    modules (with the data stack they read) load when a config names them: ``lm`` and ``mmm``
+    here, others as entry points of the ``multimodal_moe.tasks`` group (this distribution's
+    ``vqa`` and ``retrieval``, in ``eval_tasks``; any installed package can add its own)."""
+
+    entry_points: ClassVar[str | None] = "multimodal_moe.tasks"
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise :class:`~multimodal_moe.configurable.ConfigError` if the task cannot train ``model``."""
@@ -142,6 +147,10 @@ class TaskConfig(Registry):
         order); two configs whose heads have the same names and shapes can share head weights
         only if these agree."""
         return {}
+
+
+TaskConfig.register_lazy("lm", "multimodal_moe.tasks.lm:LanguageModelingConfig")
+TaskConfig.register_lazy("mmm", "multimodal_moe.tasks.mmm:MaskedDataModelingConfig")
 
 
 class Task(nn.Module):
