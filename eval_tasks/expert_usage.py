@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from multimodal_moe.distributed.env import current
 from multimodal_moe.layers.ffn import FFNOutput
 from multimodal_moe.plots import figure
 
@@ -53,8 +54,7 @@ class ExpertUsage:
             return {}
         keys = sorted(self.counts, key=lambda k: (int(k.split(".")[0][5:]), k))
         flat = torch.cat([self.counts[k].reshape(-1) for k in keys])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flat)  # every rank scored its share of the corpus
+        current().sum_(flat)  # every rank scored its share of the corpus
         values = flat.tolist()  # one device read
         layers, at = {}, 0
         for key in keys:

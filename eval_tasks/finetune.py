@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-import torch.distributed as dist
 from torch import nn
 
 from data_pipelines.images import ImageTransform, eval_transform, finetune_transform
 from data_pipelines.streams import Processor, ShardStream, StreamLoader, derive_seed
 from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.distributed.env import current
 from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
 from multimodal_moe.tasks.base import Task, TaskConfig, data_path
 from multimodal_moe.tasks.streams import SingleStream, TextStreamConfig, TokenizerConfig
@@ -21,10 +21,7 @@ __all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig", "gather_counts", "gat
 
 def gather_lists(*lists: list) -> tuple[list, ...]:
     """Each list concatenated over the ranks, in rank order, on every rank (as given on one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return lists
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, lists)
+    gathered = current().gather(lists)
     return tuple([x for rank in gathered for x in rank[i]] for i in range(len(lists)))
 
 
@@ -37,7 +34,7 @@ def gather_counts(counts: Counter) -> dict[str, int]:
 
 
 def is_main_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return current().is_main
 
 
 @config

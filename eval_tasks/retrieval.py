@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.batches import RetrievalBatch
 from data_pipelines.processors import RetrievalProcessor
 from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.distributed.env import current
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.streams import TextStreamConfig
@@ -45,7 +45,7 @@ KS = (1, 5, 10)
 
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, in rank order, this rank's still carrying their gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not current().distributed:
         return x
     from torch.distributed.nn.functional import all_gather
 
@@ -56,7 +56,7 @@ def clip_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.
     """Symmetric InfoNCE of matching rows; across ranks, this rank's rows against all ranks'.
     In fp32 under autocast too (the similarities are the logits)."""
     all_images, all_texts = _gather_with_grad(image_BE), _gather_with_grad(text_BE)
-    offset = dist.get_rank() * image_BE.shape[0] if all_images.shape[0] != image_BE.shape[0] else 0
+    offset = current().rank * image_BE.shape[0] if all_images.shape[0] != image_BE.shape[0] else 0
     labels = torch.arange(image_BE.shape[0], device=image_BE.device) + offset
     with torch.autocast(image_BE.device.type, enabled=False):
         scale = logit_scale.float().exp().clamp(max=100)

@@ -7,6 +7,7 @@ is a no-op on a world of one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed"]
+__all__ = ["DistEnv", "current", "init_distributed"]
 
 CPU = torch.device("cpu")
 
@@ -57,6 +58,12 @@ class DistEnv:
         dist.all_reduce(t)
         return t / self.world
 
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place, on every rank (as given on a world of one)."""
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         if not self.distributed:
@@ -64,6 +71,15 @@ class DistEnv:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+
+def current() -> DistEnv:
+    """This process's place in the process group that its launch initialised (rank 0 of 1
+    without one): the one question code below the trainer (a task's reductions, evaluation)
+    asks about distribution. Its ``device`` is the CPU, where those collectives run."""
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistEnv()
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
@@ -94,6 +110,4 @@ def init_distributed(device: str = "auto") -> DistEnv:
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         dist.init_process_group("cuda:nccl,cpu:gloo" if resolved.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
-    return DistEnv(device=resolved)
+    return dataclasses.replace(current(), device=resolved)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
@@ -46,6 +45,7 @@ from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
 from data_pipelines.visual_targets import VisualTargets, build_visual_targets
 
 from ..configurable import ConfigError, Configurable, Registry, config
+from ..distributed.env import current
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
 from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path, group_sizes
 from .streams import StreamConfig, TextStreamConfig, TokenizerConfig
@@ -361,11 +361,9 @@ class MaskedDataModeling(Task):
                                                              float(value[-1]) * count if len(value) > 1 else 0.0,
                                                              count], dtype=torch.float64)
                 samples[name] += len(batch)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = torch.tensor(list(samples.values()), dtype=torch.float64)
-            dist.all_reduce(sums)  # CPU tensors: the process group always has gloo for them
-            dist.all_reduce(counts)
-            samples = dict(zip(samples, (int(c) for c in counts.tolist())))
+        env = current()  # CPU tensors: the process group always has gloo for them
+        env.sum_(sums)
+        samples = dict(zip(samples, (int(c) for c in env.sum_(torch.tensor(list(samples.values()))).tolist())))
         report: dict[str, Any] = {"masked": {}, "samples": samples}
         loss = 0.0
         for part, (loss_sum, correct, count) in zip(PARTS, sums.tolist()):
@@ -391,11 +389,9 @@ class MaskedDataModeling(Task):
         read = [_read_masks(step) for step in micro_batches]
         counts = [[len(masked[name]) if name in masked else 0 for name in PARTS] for masked, _, _ in read]
         totals = torch.tensor([sum(c[i] for c in counts) for i in range(len(PARTS))], dtype=torch.float64)
-        world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)  # a CPU tensor: the process group always has gloo for it
-            world = dist.get_world_size()
-        scale, totals = world * len(micro_batches), totals.tolist()
+        env = current()
+        env.sum_(totals)  # a CPU tensor: the process group always has gloo for it
+        scale, totals = env.world * len(micro_batches), totals.tolist()
         weights = [{name: c[i] * scale / totals[i] if totals[i] else 0.0 for i, name in enumerate(PARTS)}
                    for c in counts]
         return [WeightedStep(step, w, *facts) for step, w, facts in zip(micro_batches, weights, read)]
