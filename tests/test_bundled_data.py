@@ -23,7 +23,7 @@ from PIL import Image
 from data_pipelines.images import eval_transform
 from data_pipelines.shards import IMAGE_FIELDS, KINDS
 from data_pipelines.tokenizer import Tokenizer
-from data_pipelines.visual_targets import KMeansCodebook
+from multimodal_moe.tasks.visual_targets import KMeansCodebook
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data_pipelines" / "bundled"
 SPLITS = ("train", "val")

@@ -101,14 +101,14 @@ def test_train_tokenizer_from_shards(files, tmp_path):
 
 
 def test_train_visual_codebook_from_image_shards(files, tmp_path, capsys):
-    from data_pipelines.visual_targets import build_visual_targets
+    from multimodal_moe.tasks.visual_targets import KMeansTargetsConfig
 
     shards, out = files / "out" / "image", tmp_path / "codes.safetensors"
     assert main(["data", "write-shards", "image", str(files / "imgs"), "--out", str(shards)]) == 0
     args = ["data", "train-visual-codebook", str(shards), "--out", str(out), "--patch-size", "4",
             "--image-size", "8", "--codes", "6", "--patches", "200"]
     assert main(args) == 0
-    targets = build_visual_targets("kmeans", path=out)
+    targets = KMeansTargetsConfig(path=str(out)).build(4)
     assert targets.num_classes == 6 and targets.patch_size == 4
     codes = targets(torch.randn(2, 3, 8, 8))
     assert codes.shape == (2, 4) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 6

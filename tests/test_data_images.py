@@ -27,14 +27,25 @@ from data_pipelines.images import (
 )
 from data_pipelines.masking import BlockMaskGenerator
 from data_pipelines.skips import SkipSample
-from data_pipelines.visual_targets import (
+from data_pipelines.visual_codebook import train_kmeans_codebook
+from multimodal_moe.configurable import ConfigError, parse
+from multimodal_moe.tasks.visual_targets import (
     KMeansCodebook,
+    KMeansTargetsConfig,
     PixelTargets,
-    VQKDTokenizer,
-    build_visual_targets,
+    PixelTargetsConfig,
+    VisualTargetsConfig,
+    VQKDTargetsConfig,
+    nearest_code,
+    normalize_patches,
     patchify,
-    train_kmeans_codebook,
 )
+from multimodal_moe.tasks.vqkd import VQKDTokenizer
+
+
+def assign(codebook: KMeansCodebook, patches_NC: torch.Tensor) -> torch.Tensor:
+    """Codes (N,) of raw patches laid out as ``patchify`` gives them."""
+    return nearest_code(normalize_patches(patches_NC.float()), codebook.codebook)[0]
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -407,12 +418,12 @@ def test_kmeans_recovers_clusters(seed):
     patches, labels = clustered_patches(num_clusters=8, per_cluster=150, dim=12, seed=seed)  # p = 2
     codebook = train_kmeans_codebook(patches, 8, iterations=20, seed=seed)
     assert codebook.patch_size == 2 and codebook.codebook.shape == (8, 12)
-    ids = codebook.assign(patches)
+    ids = assign(codebook, patches)
     # purity 1: each true cluster is one code, and no two clusters share one
     assert all(len(ids[labels == c].unique()) == 1 for c in range(8))
     assert len(ids.unique()) == 8
     images = torch.rand(2, 3, 4, 6)
-    assert torch.equal(codebook(images).reshape(-1), codebook.assign(patchify(images, 2).reshape(-1, 12)))
+    assert torch.equal(codebook(images).reshape(-1), assign(codebook, patchify(images, 2).reshape(-1, 12)))
 
 
 def test_empty_clusters_are_reseeded():
@@ -458,7 +469,7 @@ def test_kmeans_save_load_round_trip(tmp_path):
     assert loaded.patch_size == 4 and torch.equal(loaded.codebook, codebook.codebook)
     images = torch.rand(2, 3, 8, 12)
     assert torch.equal(loaded(images), codebook(images))
-    assert torch.equal(build_visual_targets("kmeans", path=path)(images), codebook(images))
+    assert torch.equal(KMeansTargetsConfig(path=str(path)).build(4)(images), codebook(images))
 
     from safetensors.torch import save_file
     save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
@@ -595,12 +606,12 @@ def test_vqkd_load_from_file_and_factory(tokenizer, tmp_path):
     torch.save({"model": tokenizer.state_dict()}, path)
     x = images_for(tokenizer)
     assert torch.equal(VQKDTokenizer.load(path, heads=2)(x), tokenizer(x))
-    assert build_visual_targets("vqkd", path=path).num_classes == 64
-    assert isinstance(build_visual_targets("pixels", patch_size=8), PixelTargets)
-    with pytest.raises(ValueError, match="unknown visual target kind 'dall-e'"):
-        build_visual_targets("dall-e")
-    with pytest.raises(ValueError, match="pass path="):
-        build_visual_targets("kmeans")
+    assert VQKDTargetsConfig(path=str(path)).build(tokenizer.patch_size).num_classes == 64
+    assert isinstance(PixelTargetsConfig().build(8), PixelTargets)
+    with pytest.raises(ConfigError, match="unknown kind 'dall-e'"):
+        parse(VisualTargetsConfig, {"kind": "dall-e"})
+    with pytest.raises(ConfigError, match="path"):
+        parse(VisualTargetsConfig, {"kind": "vqkd"})
 
 
 def test_default_vqkd_has_published_sizes():

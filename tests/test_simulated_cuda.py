@@ -13,9 +13,10 @@ import torch.nn.functional as F
 import eval_tasks.retrieval
 import multimodal_moe as mm
 import multimodal_moe.tasks.mmm
-from data_pipelines.visual_targets import VisualTargets, VQKDTokenizer
 from multimodal_moe.layers.moe import Router
 from multimodal_moe.layers.mot import MixtureOfTokens
+from multimodal_moe.tasks.visual_targets import VisualTargets
+from multimodal_moe.tasks.vqkd import VQKDTokenizer
 from multimodal_moe.training.trainer import Trainer
 
 from .simulated_cuda import SimTensor, SimulatedCuda

@@ -19,7 +19,8 @@ __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "
            "TaskConfig", "TaskOutput", "TrainData", "data_path", "default_task"]
 
 _LAZY = {"LanguageModeling": "lm", "LanguageModelingConfig": "lm", "MaskedDataModeling": "mmm",
-         "MaskedDataModelingConfig": "mmm", "KMeansTargetsConfig": "mmm", "PixelTargetsConfig": "mmm"}
+         "MaskedDataModelingConfig": "mmm", "KMeansTargetsConfig": "visual_targets",
+         "PixelTargetsConfig": "visual_targets"}
 
 
 def __getattr__(name: str) -> Any:
@@ -33,11 +34,10 @@ def default_task(model: ModelConfig) -> TaskConfig:
     data modeling for the Multiway encoder, both on the bundled dataset, with batch sizes
     rounded up to a multiple of any Mixture-of-Tokens group size. The encoder predicts the
     bundled k-means codes when its patches have their size (8 pixels), else normalised pixels."""
-    from data_pipelines.visual_targets import codebook_patch_size
-
     from .lm import LanguageModelingConfig
-    from .mmm import KMeansTargetsConfig, MaskedDataModelingConfig, PixelTargetsConfig
+    from .mmm import MaskedDataModelingConfig
     from .streams import StreamConfig
+    from .visual_targets import KMeansTargetsConfig, PixelTargetsConfig, codebook_patch_size
 
     if isinstance(model, DecoderLMConfig):
         task = LanguageModelingConfig()

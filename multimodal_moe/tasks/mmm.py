@@ -42,16 +42,16 @@ from data_pipelines.mixer import PretrainMixer, PretrainStep
 from data_pipelines.processors import ImageProcessor, ImageTextProcessor, TextProcessor
 from data_pipelines.streams import ShardStream, StreamLoader, derive_seed
 from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
-from data_pipelines.visual_targets import VisualTargets, build_visual_targets
 
-from ..configurable import ConfigError, Configurable, Registry, config
+from ..configurable import ConfigError, Configurable, config
 from ..distributed.env import current
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
 from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path, group_sizes
 from .streams import StreamConfig, TextStreamConfig, TokenizerConfig
+from .visual_targets import KMeansTargetsConfig, PixelTargetsConfig, VQKDTargetsConfig, VisualTargetsConfig
 
 __all__ = ["HeldOutShards", "KMeansTargetsConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "PixelTargetsConfig",
-           "VQKDTargetsConfig", "VisualTargetsConfig"]
+           "VQKDTargetsConfig", "VisualTargetsConfig"]  # the targets' configs, re-exported from .visual_targets
 
 
 @config
@@ -66,48 +66,6 @@ class LossWeights(Configurable):
         for name in ("image", "text", "image_text"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
-
-
-class VisualTargetsConfig(Registry):
-    """What masked patches are trained to predict (``data_pipelines.visual_targets``); ``kind``
-    selects it: kmeans | vqkd | pixels."""
-
-    def build(self, patch_size: int) -> VisualTargets:
-        path = getattr(self, "path", None)
-        resolved = None if path is None else data_path(path)
-        if resolved is not None and not resolved.is_file():
-            raise FileNotFoundError(f"{self.kind} visual targets {path!r} not found (looked at {resolved})")
-        targets = build_visual_targets(self.kind, path=resolved, patch_size=patch_size,
-                                       normalize=getattr(self, "normalize", True))
-        if targets.patch_size != patch_size:
-            raise ConfigError("path", f"{path} gives targets for {targets.patch_size}-pixel patches, the model has "
-                                      f"{patch_size}-pixel patches")
-        return targets
-
-
-@VisualTargetsConfig.register("kmeans")
-@config
-class KMeansTargetsConfig(VisualTargetsConfig):
-    """The nearest code of a k-means codebook (``mmoe data train-visual-codebook``); the default
-    is the bundled one, learned for 8-pixel patches."""
-
-    path: str = "bundled:visual_codebook.safetensors"
-
-
-@VisualTargetsConfig.register("vqkd")
-@config
-class VQKDTargetsConfig(VisualTargetsConfig):
-    """The codes of a BEiT v2 VQ-KD visual tokenizer (a published state dict file)."""
-
-    path: str
-
-
-@VisualTargetsConfig.register("pixels")
-@config
-class PixelTargetsConfig(VisualTargetsConfig):
-    """The patch's pixels, each patch standardised when ``normalize`` (MAE's norm_pix_loss)."""
-
-    normalize: bool = True
 
 
 @config
