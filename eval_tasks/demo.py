@@ -34,10 +34,7 @@ def _schedule(steps: int) -> list[str]:
 
 
 def _finetune(preset: str, init: Path, run_dir: Path, steps: int, progress: bool, extra: list[str]) -> dict:
-    checkpoint = Checkpoint.open(init)
-    cfg = load_config(preset, [*_schedule(steps), *extra])
-    cfg = checkpoint.finetune_config(cfg)
-    train(cfg, run_dir, progress=progress, init=init)
+    train(load_config(preset, [*_schedule(steps), *extra]), run_dir, progress=progress, init=init)
     trained = Checkpoint.open(run_dir)
     return evaluate_checkpoint(trained, trained.config, run_dir, progress=progress)
 

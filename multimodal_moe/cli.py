@@ -84,40 +84,46 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1
 
 
-def _train(args: argparse.Namespace, cfg, command: str, init: str | None = None) -> int:
-    """Run ``cfg``'s training into ``args.run_dir`` (default ``runs/<preset>-<time>``); the exit code."""
+def _run_dir(args: argparse.Namespace) -> str | None:
+    """``--run-dir``, or ``runs/<preset>-<time>`` for a fresh single-process run; None (with the
+    error said) where one must be given."""
+    if args.run_dir is not None:
+        return args.run_dir
+    if args.resume or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        print(f"mmoe: error: {'--resume' if args.resume else 'torchrun'} needs --run-dir", file=sys.stderr)
+        return None
+    return f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train(args: argparse.Namespace, cfg, command: str, run_dir: str) -> int:
+    """Run ``cfg``'s training into ``run_dir``, from ``args.init`` if given; the exit code."""
     from .training import TrainingDiverged, TrainingStopped, train
 
-    distributed, main_rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0)) == 0
-    if args.run_dir is None:
-        if args.resume or distributed:
-            print(f"mmoe: error: {'--resume' if args.resume else 'torchrun'} needs --run-dir", file=sys.stderr)
-            return 2
-        args.run_dir = f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    main_rank = int(os.environ.get("RANK", 0)) == 0
     if main_rank:
-        print(f"{command} {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {args.run_dir}",
+        print(f"{command} {args.config} ({cfg.task.kind} task, {cfg.train.steps} steps) -> {run_dir}",
               file=sys.stderr)
     try:
-        result = train(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress, init=init)
+        result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress, init=args.init)
     except TrainingDiverged as e:
         print(f"mmoe: error: {e}", file=sys.stderr)
         return 1
     except TrainingStopped as e:
         if main_rank:
-            print(f"mmoe: {e} --run-dir {args.run_dir}", file=sys.stderr)
+            print(f"mmoe: {e} --run-dir {run_dir}", file=sys.stderr)
         return 128 + 15  # the conventional exit status of a SIGTERM
     except KeyboardInterrupt:
-        print(f"\nmmoe: interrupted; continue with the same command and --run-dir {args.run_dir} --resume",
+        print(f"\nmmoe: interrupted; continue with the same command and --run-dir {run_dir} --resume",
               file=sys.stderr)
         return 130
     if main_rank and not result.records:
-        print(f"mmoe: {args.run_dir} has already finished its {result.step} steps; nothing to do (raise "
+        print(f"mmoe: {run_dir} has already finished its {result.step} steps; nothing to do (raise "
               f"train.steps with --set to train on)", file=sys.stderr)
     elif main_rank:
         first, last = result.records[0], result.records[-1]
         print(f"done: {result.step} steps, loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
-              f"(step {last['step']}); checkpoint {Path(args.run_dir) / 'checkpoints' / 'latest'}; "
-              f"plots: mmoe inspect {args.run_dir}")
+              f"(step {last['step']}); checkpoint {Path(run_dir) / 'checkpoints' / 'latest'}; "
+              f"plots: mmoe inspect {run_dir}")
     return 0
 
 
@@ -128,7 +134,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         args.config = str(find_checkpoint(start) / CONFIG_FILE)
     args.config = args.config or DEFAULT_PRETRAIN_PRESET
-    return _train(args, load_config(args.config, args.set), "pretrain", init=args.init)
+    run_dir = _run_dir(args)
+    return 2 if run_dir is None else _train(args, load_config(args.config, args.set), "pretrain", run_dir)
 
 
 def _summary(results: dict) -> str:
@@ -142,17 +149,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from .training import Checkpoint
 
-    cfg = load_config(args.config, args.set)
-    if args.init is not None:
-        cfg = Checkpoint.open(args.init).finetune_config(cfg)
-    code = _train(args, cfg, "finetune", init=args.init)
+    run_dir = _run_dir(args)
+    if run_dir is None:
+        return 2
+    code = _train(args, load_config(args.config, args.set), "finetune", run_dir)
     if code:
         return code
-    checkpoint = Checkpoint.open(args.run_dir)  # its config as trained (with e.g. the VQA answer list)
-    results = evaluate_checkpoint(checkpoint, checkpoint.config, Path(args.run_dir),
+    checkpoint = Checkpoint.open(run_dir)  # its config as trained (with e.g. the VQA answer list)
+    results = evaluate_checkpoint(checkpoint, checkpoint.config, Path(run_dir),
                                   progress=not args.no_progress)  # every rank scores its share
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"evaluation: {_summary(results)}; {Path(args.run_dir) / 'results.json'}")
+        print(f"evaluation: {_summary(results)}; {Path(run_dir) / 'results.json'}")
     return 0
 
 

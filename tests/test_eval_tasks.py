@@ -280,6 +280,12 @@ def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runt
     assert trainer.task.model.cfg.drop_path == 0.1
     start = trainer.task.model.state_dict()
     assert all(torch.equal(start[k], v) for k, v in Checkpoint.open(tmp_path).weights().items())
+    trainer.close()
+    # the trainer adopts it itself: given the config as asked and the path, the same run
+    adopting = Trainer(asked, tmp_path / "adopting", progress=False, init=tmp_path)
+    assert adopting.cfg.model == cfg.model
+    assert all(torch.equal(v, start[k]) for k, v in adopting.task.model.state_dict().items())
+    adopting.close()
 
 
 @pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug", "beit3/debug", "lm/debug"])

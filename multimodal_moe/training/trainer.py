@@ -200,9 +200,10 @@ class Trainer:
             match ``cfg``'s, saved at the same world size); without it, a run dir that already
             has checkpoints is refused.
         progress: show a progress bar (rank 0).
-        init: a checkpoint whose backbone weights replace the initial ones (fine-tuning); its
-            model config must equal ``cfg.model`` but for the run-time fields
-            (:attr:`ModelConfig.RUNTIME_FIELDS`). Ignored when resuming.
+        init: a checkpoint to start from (fine-tuning, continued pretraining): the run takes its
+            architecture, with ``cfg.model``'s run-time fields (:attr:`ModelConfig.RUNTIME_FIELDS`:
+            drop path, checkpointing, attention backend), and its backbone weights (its heads too
+            when they are this task's); a resumed run takes the architecture alone.
 
     Raises:
         CheckpointError: ``resume`` without a readable checkpoint, or one that does not fit.
@@ -228,6 +229,14 @@ class Trainer:
 
     def _set_up(self, cfg: Config, resume: bool | str, init: str | Path | None) -> None:
         tc, env = self.tc, self.env
+        start = None if init is None else Checkpoint.open(init)
+        if start is not None:  # the run takes its architecture; drop path and the like stay cfg's
+            adopted = start.finetune_config(cfg)
+            ignored = [d.split()[0] for d in config_differences(to_dict(adopted.model), to_dict(cfg.model), "model")]
+            if ignored and env.is_main:
+                print(f"--init: the model is {start.path}'s; the config's {', '.join(ignored)} do not apply",
+                      file=sys.stderr)
+            cfg = adopted
         checkpoint = None
         if resume:
             checkpoint = Checkpoint.latest_intact(self.ckpt_dir) if resume == "latest-intact" else \
@@ -252,10 +261,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, task=task.resolved_config())
         if checkpoint is not None:
             checkpoint.check_compatible(cfg, sections=("model", "task", "seed"))
-        if init is not None and checkpoint is None:
-            start = Checkpoint.open(init)  # the architecture must match; drop path and the like may differ
-            architecture = cfg.model.with_runtime_fields_of(start.config.model)
-            start.check_compatible(dataclasses.replace(cfg, model=architecture), sections=("model",))
+        if start is not None and checkpoint is None:
             self._load_init(start)
         task.to(env.device)
         torch.manual_seed(cfg.seed + env.rank)
