@@ -27,23 +27,12 @@ from torch import nn
 from .config import Config, dump_config, list_presets, load_config
 from .configurable import ConfigError
 from .layers.ffn import FFNConfig, FFNOutput
-from .models import ModelConfig, ModelOutput
+from .models import ModelConfig, ModelOutput, build_model
 
 __all__ = ["Config", "ConfigError", "FFNConfig", "FFNOutput", "ModelConfig", "ModelOutput", "build_model",
            "dump_config", "list_presets", "load_checkpoint", "load_config"]
 
 __version__ = "0.1.0"
-
-
-def build_model(cfg: Config | ModelConfig, *, seed: int | None = None) -> nn.Module:
-    """The model a config describes, initialised from ``seed`` (default: ``cfg.seed``, or 0
-    for a bare model config) without touching the global RNG."""
-    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-    if seed is None:
-        seed = cfg.seed if isinstance(cfg, Config) else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_cfg.build()
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:

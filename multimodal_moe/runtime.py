@@ -1,4 +1,6 @@
-"""Process-level settings for fast CPU training.
+"""Process-level state of a training process: its random generators, the autocast dtype its
+precision setting means on its device, and (below) glibc's allocator settings for fast CPU
+training.
 
 glibc hands every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB)
 fresh pages from the kernel and returns them on free, so each training step page-faults on
@@ -15,8 +17,38 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import random
+from typing import Any
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+__all__ = ["autocast_dtype", "keep_freed_memory", "rng_state", "set_rng_state"]
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast when asked for, or on ``auto`` on a GPU that supports it; None = fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators this process draws from: the CPU's, Python's and its own GPU's (each rank
+    saves only the GPU it uses)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        saved = state["cuda"]  # checkpoints before per-device states held every visible GPU's
+        torch.cuda.set_rng_state(saved[device.index or 0] if isinstance(saved, list) else saved, device)
 
 # mallopt(3) parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +50,13 @@ class DistEnv:
         dist.all_reduce(t)
         return (t / self.world).tolist()
 
+    def mean_tree(self, tree: Any) -> Any:
+        """``tree`` (dicts and lists of numbers and other leaves) with every number replaced by
+        its mean across ranks, in one all-reduce; every rank must pass the same structure."""
+        numbers: list[float] = []
+        _numbers(tree, numbers)
+        return _replace_numbers(tree, iter(self.mean(numbers)))
+
     def mean_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` across ranks, reduced on its own device (NCCL for a GPU tensor):
         no host sync."""
@@ -71,6 +79,27 @@ class DistEnv:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+
+def _numbers(tree: Any, out: list[float]) -> None:
+    if isinstance(tree, dict):
+        for v in tree.values():
+            _numbers(v, out)
+    elif isinstance(tree, list):
+        for v in tree:
+            _numbers(v, out)
+    elif isinstance(tree, (int, float)):
+        out.append(float(tree))
+
+
+def _replace_numbers(tree: Any, values: Iterator[float]) -> Any:
+    if isinstance(tree, dict):
+        return {k: _replace_numbers(v, values) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_replace_numbers(v, values) for v in tree]
+    if isinstance(tree, (int, float)):
+        return next(values)
+    return tree
 
 
 def current() -> DistEnv:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .env import DistEnv
-from .expert_parallel import shard_experts
+from .expert_parallel import consolidate_experts, localize_experts, shard_experts
 
 __all__ = ["Parallel", "parallelize"]
 
@@ -93,6 +95,58 @@ class Parallel:
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(list(self.task.parameters()), max_norm, norm)
         return norm
+
+
+    # -- checkpoints: one full state in the files whatever the layout, FSDP2's sharded beside it --
+
+    def full_state(self, optimizer: torch.optim.Optimizer, sharded_dir: Path) -> tuple[dict, dict | None]:
+        """The task's whole state dict and the optimizer's, as one process would hold them (every
+        rank calls it). FSDP2 also saves its sharded model and optimizer into ``sharded_dir``
+        (``torch.distributed.checkpoint``) and returns no optimizer state; expert parallelism
+        gathers every rank's experts (``consolidate_experts``)."""
+        if self.kind == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            dcp.save({"model": get_model_state_dict(self.task),
+                      "optimizer": get_optimizer_state_dict(self.task, optimizer)}, checkpoint_id=sharded_dir)
+            return get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True)), None
+        if self.expert_names:
+            return consolidate_experts(self.task.state_dict(), optimizer.state_dict(), optimizer=optimizer,
+                                       model=self.task, expert_names=self.expert_names, group=self.expert_group)
+        return self.task.state_dict(), optimizer.state_dict()
+
+    def load_state(self, optimizer: torch.optim.Optimizer, *, sharded_dir: Path | None, full: Callable[[], dict],
+                   optimizer_state: dict | None, load: Callable[[dict], None]) -> None:
+        """Restore what :meth:`full_state` saved: from ``sharded_dir`` when the checkpoint has
+        FSDP2 shards, else ``full()`` (the whole task state) through ``load`` (a strict load into
+        the task) and ``optimizer_state``, each rank taking its own experts."""
+        if sharded_dir is not None:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                get_model_state_dict,
+                get_optimizer_state_dict,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            sharded = {"model": get_model_state_dict(self.task),
+                       "optimizer": get_optimizer_state_dict(self.task, optimizer)}
+            dcp.load(sharded, checkpoint_id=sharded_dir)
+            set_model_state_dict(self.task, sharded["model"])
+            set_optimizer_state_dict(self.task, optimizer, sharded["optimizer"])
+            return
+        state = full()
+        if self.expert_names:
+            state, optimizer_state = localize_experts(state, optimizer_state, optimizer=optimizer, model=self.task,
+                                                      expert_names=self.expert_names, group=self.expert_group)
+        load(state)
+        optimizer.load_state_dict(optimizer_state)
 
 
 def _expert_groups(env: DistEnv, k: int):

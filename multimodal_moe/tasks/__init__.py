@@ -12,11 +12,13 @@ import importlib
 import math
 from typing import Any
 
-from ..models import DecoderLMConfig, ModelConfig
+import torch
+
+from ..models import DecoderLMConfig, ModelConfig, build_model
 from .base import Task, TaskConfig, TaskOutput, TrainData, data_path, group_sizes
 
 __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "Task",
-           "TaskConfig", "TaskOutput", "TrainData", "data_path", "default_task"]
+           "TaskConfig", "TaskOutput", "TrainData", "build_task", "data_path", "default_task"]
 
 _LAZY = {"LanguageModeling": "lm", "LanguageModelingConfig": "lm", "MaskedDataModeling": "mmm",
          "MaskedDataModelingConfig": "mmm", "KMeansTargetsConfig": "visual_targets",
@@ -50,3 +52,13 @@ def default_task(model: ModelConfig) -> TaskConfig:
     streams = {f.name: s for f in dataclasses.fields(task) if isinstance(s := getattr(task, f.name), StreamConfig)}
     return dataclasses.replace(task, **{name: dataclasses.replace(s, batch_size=-(-s.batch_size // multiple) * multiple)
                                         for name, s in streams.items()})
+
+
+def build_task(cfg: Any) -> Task:
+    """The task of a run config (``cfg.task``, or the model's :func:`default_task`): the
+    backbone from ``cfg.seed`` and the task's heads around it from a seed derived from it."""
+    task_cfg = cfg.task or default_task(cfg.model)
+    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return task_cfg.build(model)

@@ -29,7 +29,7 @@ import torch
 
 from ..tasks.base import TaskOutput
 
-__all__ = ["MetricsLog", "StepMeter"]
+__all__ = ["MetricsLog", "StepMeter", "merged_counts"]
 
 
 class StepMeter:
@@ -209,3 +209,14 @@ class MetricsLog:
                 written += os.write(fd, line[written:])
         finally:
             os.close(fd)
+
+
+def merged_counts(dicts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """Skip counts ``{stream: {reason: n}}`` of several ranks, summed."""
+    out: dict[str, dict[str, int]] = {}
+    for d in dicts:
+        for stream, reasons in d.items():
+            merged = out.setdefault(stream, {})
+            for reason, n in reasons.items():
+                merged[reason] = merged.get(reason, 0) + n
+    return out

@@ -38,12 +38,34 @@ OPTIMIZERS = ("adamw", "adam", "adafactor")
 
 
 def build_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
-    """``tc.optimizer`` over ``model``'s parameters (``tc``: a :class:`~multimodal_moe.config.TrainConfig`)."""
+    """``tc.optimizer`` over ``model``'s parameters (``tc``: a :class:`~multimodal_moe.config.TrainConfig`),
+    with a task's ``lr_scales`` (a fine-tuning head's higher rate) in parameter groups of their own."""
     if tc.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {tc.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     moments = {} if tc.optimizer == "adafactor" else {"betas": tuple(tc.betas), "eps": tc.eps}
-    return create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
-                               layer_decay=tc.layer_decay, **moments)
+    optimizer = create_optimizer_v2(model, opt=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay,
+                                    layer_decay=tc.layer_decay, **moments)
+    return _scale_lrs(optimizer, model)
+
+
+def _scale_lrs(optimizer: torch.optim.Optimizer, task: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer with the task's ``lr_scales`` applied: each group split into the scaled
+    parameters (``lr_scale`` multiplied, which the lr schedule applies) and the rest."""
+    scales = task.lr_scales() if hasattr(task, "lr_scales") else {}
+    if not scales:
+        return optimizer
+    by_id = {id(p): scales[n] for n, p in task.named_parameters() if n in scales}
+    groups = []
+    for group in optimizer.param_groups:
+        split: dict[float, list] = {}
+        for p in group["params"]:
+            split.setdefault(by_id.get(id(p), 1.0), []).append(p)
+        for scale, params in split.items():
+            groups.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * scale})
+    optimizer.param_groups.clear()  # before any step: there is no state to carry over
+    for group in groups:
+        optimizer.add_param_group(group)
+    return optimizer
 
 
 def _cosine(progress: float, min_ratio: float) -> float:

@@ -6,10 +6,12 @@
 One step = ``grad_accum`` micro-batches -> (DDP / FSDP2 gradient sync on the last) -> clip ->
 the optimizer (AdamW, Adam or Adafactor from timm's factory: no decay on biases, norms,
 positions and CLS/mask tokens; optional layer-wise lr decay) at the schedule's lr for the
-update (:mod:`.optim`) -> optional weight EMA. A step whose loss or gradient is not finite on any rank is skipped by every rank and
-counted; ``max_bad_steps`` in a row stop the run with its last good checkpoint intact. Every
+update (:mod:`.optim`) -> optional weight EMA. A step whose loss or gradient is not finite on
+any rank is skipped by every rank and counted; ``max_bad_steps`` in a row stop the run with its
+last good checkpoint intact. Every
 ``log_every`` steps rank 0 appends the ranks' mean values to ``metrics.jsonl`` (:mod:`.metrics`);
-every ``checkpoint_every`` steps and at the end a checkpoint is written (:mod:`.checkpoint`). A
+every ``checkpoint_every`` steps and at the end a checkpoint is written (:mod:`.checkpoint`,
+in whatever layout the parallelism has: :meth:`~multimodal_moe.distributed.Parallel.full_state`). A
 resumed run restores weights, optimizer, and each rank's RNG, data-reader position
 and current log interval, so it continues exactly as the uninterrupted run would have (bitwise
 on CPU with the same thread count).
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import random
 import signal
 import sys
 import threading
@@ -32,13 +33,11 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 
-from .. import build_model
 from ..config import Config, dump_config
 from ..configurable import to_dict
 from ..distributed import init_distributed, parallelize
-from ..distributed.expert_parallel import consolidate_experts, localize_experts
-from ..runtime import keep_freed_memory
-from ..tasks import Task, default_task
+from ..runtime import autocast_dtype, keep_freed_memory, rng_state, set_rng_state
+from ..tasks import build_task
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -49,7 +48,7 @@ from .checkpoint import (
     step_dir_name,
     task_states,
 )
-from .metrics import MetricsLog, StepMeter
+from .metrics import MetricsLog, StepMeter, merged_counts
 from .optim import LRSchedule, build_optimizer
 from .run_lock import RunDirLocked, RunLock
 
@@ -101,92 +100,6 @@ class StepInfo:
     loss: float
     grad_norm: float
     applied: bool
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast when asked for, or on ``auto`` on a GPU that supports it; None = fp32."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """The generators this process draws from: the CPU's, Python's and its own GPU's (each rank
-    saves only the GPU it uses)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        saved = state["cuda"]  # checkpoints before per-device states held every visible GPU's
-        torch.cuda.set_rng_state(saved[device.index or 0] if isinstance(saved, list) else saved, device)
-
-
-def build_task(cfg: Config) -> Task:
-    """The backbone (from ``cfg.seed``) and the task's heads around it (from a seed derived from it)."""
-    task_cfg = cfg.task or default_task(cfg.model)
-    model = build_model(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        return task_cfg.build(model)
-
-
-def _scale_lrs(optimizer: torch.optim.Optimizer, task: Task) -> torch.optim.Optimizer:
-    """The optimizer with the task's ``lr_scales`` applied: each group split into the scaled
-    parameters (``lr_scale`` multiplied, which the lr schedule applies) and the rest."""
-    scales = task.lr_scales()
-    if not scales:
-        return optimizer
-    by_id = {id(p): scales[n] for n, p in task.named_parameters() if n in scales}
-    groups = []
-    for group in optimizer.param_groups:
-        split: dict[float, list] = {}
-        for p in group["params"]:
-            split.setdefault(by_id.get(id(p), 1.0), []).append(p)
-        for scale, params in split.items():
-            groups.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * scale})
-    optimizer.param_groups.clear()  # before any step: there is no state to carry over
-    for group in groups:
-        optimizer.add_param_group(group)
-    return optimizer
-
-
-def _numbers(tree: Any, out: list[float]) -> None:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            _numbers(v, out)
-    elif isinstance(tree, list):
-        for v in tree:
-            _numbers(v, out)
-    elif isinstance(tree, (int, float)):
-        out.append(float(tree))
-
-
-def _replace_numbers(tree: Any, values: list[float]) -> Any:
-    if isinstance(tree, dict):
-        return {k: _replace_numbers(v, values) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_replace_numbers(v, values) for v in tree]
-    if isinstance(tree, (int, float)):
-        return values.pop(0)
-    return tree
-
-
-def _merge_counts(dicts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for d in dicts:
-        for stream, reasons in d.items():
-            merged = out.setdefault(stream, {})
-            for reason, n in reasons.items():
-                merged[reason] = merged.get(reason, 0) + n
-    return out
 
 
 class Trainer:
@@ -267,7 +180,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + env.rank)
         self.parallel = parallelize(task, env, data_parallel=tc.data_parallel, expert_parallel=tc.expert_parallel,
                                     find_unused_parameters=not task.uses_every_parameter())
-        self.optimizer = _scale_lrs(build_optimizer(task, tc), task)
+        self.optimizer = build_optimizer(task, tc)
         self.lr_schedule = LRSchedule(self.optimizer, tc)
         self.ema = ModelEmaV3(task.model, decay=tc.ema_decay) if tc.ema_decay else None
         self.data = task.train_data(seed=cfg.seed, num_workers=tc.num_workers, pin_memory=env.device.type == "cuda")
@@ -432,12 +345,10 @@ class Trainer:
         """This log interval's line: the mean over ranks of every number, summed throughput."""
         summary = {**self.meter.summary(), "samples_per_s": self.meter.samples / elapsed,
                    "tokens_per_s": self.meter.tokens / elapsed}
-        values: list[float] = []
-        _numbers(summary, values)
-        summary = _replace_numbers(summary, self.env.mean(values))
+        summary = self.env.mean_tree(summary)
         summary["samples_per_s"] *= self.env.world
         summary["tokens_per_s"] *= self.env.world
-        skipped = _merge_counts(self.env.gather(self.data.skipped()))
+        skipped = merged_counts(self.env.gather(self.data.skipped()))
         return {"step": self.step, **summary, "bad_steps": self.bad_steps, "skipped_samples": skipped}
 
     def _tensorboard(self):
@@ -456,25 +367,7 @@ class Trainer:
                                   keep=self.tc.keep_checkpoints)
         per_rank = env.gather({"data": self.data.state_dict(), "rng": rng_state(env.device),
                                "meter": self.meter.state_dict()})
-        if parallel.kind == "fsdp":
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            dcp.save({"model": get_model_state_dict(self.task),
-                      "optimizer": get_optimizer_state_dict(self.task, self.optimizer)},
-                     checkpoint_id=writer.tmp / "sharded")
-            full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            optimizer_state = None
-        elif parallel.expert_names:
-            full, optimizer_state = consolidate_experts(
-                self.task.state_dict(), self.optimizer.state_dict(), optimizer=self.optimizer, model=self.task,
-                expert_names=parallel.expert_names, group=parallel.expert_group)
-        else:
-            full, optimizer_state = self.task.state_dict(), self.optimizer.state_dict()
+        full, optimizer_state = parallel.full_state(self.optimizer, writer.tmp / "sharded")
         if env.is_main:
             model, heads = task_states(self.task, full)
             state = {"optimizer": optimizer_state, "per_rank": per_rank,
@@ -508,30 +401,13 @@ class Trainer:
         if state["world"] != env.world:
             raise CheckpointError(f"{checkpoint.path} was saved by {state['world']} process(es), this run has "
                                   f"{env.world}; data-reader positions are per rank, so resume at the same world size")
-        if checkpoint.sharded is not None:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (
-                get_model_state_dict,
-                get_optimizer_state_dict,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
+        def full() -> dict:
+            return {**{f"model.{k}": v for k, v in checkpoint.weights().items()},
+                    **checkpoint.weights("heads.safetensors")}
 
-            sharded = {"model": get_model_state_dict(self.task),
-                       "optimizer": get_optimizer_state_dict(self.task, self.optimizer)}
-            dcp.load(sharded, checkpoint_id=checkpoint.sharded)
-            set_model_state_dict(self.task, sharded["model"])
-            set_optimizer_state_dict(self.task, self.optimizer, sharded["optimizer"])
-        else:
-            full = {f"model.{k}": v for k, v in checkpoint.weights().items()}
-            full.update(checkpoint.weights("heads.safetensors"))
-            optimizer_state = state["optimizer"]
-            if parallel.expert_names:
-                full, optimizer_state = localize_experts(full, optimizer_state, optimizer=self.optimizer,
-                                                         model=self.task, expert_names=parallel.expert_names,
-                                                         group=parallel.expert_group)
-            load_weights(self.task, full, str(checkpoint.path))
-            self.optimizer.load_state_dict(optimizer_state)
+        parallel.load_state(self.optimizer, sharded_dir=checkpoint.sharded, full=full,
+                            optimizer_state=state["optimizer"],
+                            load=lambda weights: load_weights(self.task, weights, str(checkpoint.path)))
         if self.ema is not None:
             load_weights(self.ema.module, checkpoint.weights("ema.safetensors"), str(checkpoint.path))
         changed = config_differences(to_dict(checkpoint.config.train), to_dict(self.tc), "train")
