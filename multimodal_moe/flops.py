@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layers import MixtureOfTokensConfig, MultiHeadMoEConfig, Multiway, TopKMoEConfig
-from .layers.moe import GroupedExperts
+from .layers.experts import GroupedExperts
 
 __all__ = ["PEAK_BF16_TFLOPS", "active_parameters", "model_flops_per_step", "peak_bf16_tflops"]
 

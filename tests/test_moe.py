@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from multimodal_moe.configurable import ConfigError
-from multimodal_moe.layers.moe import MultiHeadMoEConfig, TopKMoEConfig, _grouped_kernel, _grouped_mm_supported
+from multimodal_moe.layers.experts import _grouped_kernel, _grouped_mm_supported
+from multimodal_moe.layers.moe import MultiHeadMoEConfig, TopKMoEConfig
 
 ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -327,7 +328,7 @@ def test_the_layout_follows_the_dtype_and_the_device(monkeypatch):
     assert dropless.experts.grouped_without_sync(x.bfloat16())
     cuda = torch.device("cuda")
     for major, fast in ((9, True), (10, True), (8, False)):  # bf16 grouped kernels: Hopper and Blackwell
-        monkeypatch.setattr("multimodal_moe.layers.moe._cuda_major", lambda index, major=major: major)
+        monkeypatch.setattr("multimodal_moe.layers.experts._cuda_major", lambda index, major=major: major)
         assert _grouped_kernel(torch.bfloat16, cuda, (16, 32)) == fast
         assert not _grouped_kernel(torch.float32, cuda, (16, 32))
         assert not _grouped_kernel(torch.bfloat16, cuda, (16, 12))  # rows not 16-byte aligned

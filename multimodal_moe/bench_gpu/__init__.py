@@ -13,8 +13,8 @@ passed (the exit status is then 0, else 1). The sections, a module each:
   final checkpoint included): every loss finite, no step skipped, the mean of the last 5 losses
   below that of the first 5, and the checkpoint loads. Then a few fp32 steps from the same seed:
   the first loss (same weights, same batch) must match bf16's within 2e-2, relative.
-- ``grouped_mm`` (:mod:`.grouped_mm`): :func:`~multimodal_moe.layers.moe.grouped_matmul` and
-  :class:`~multimodal_moe.layers.moe.GroupedExperts` in bf16 against a loop over experts of
+- ``grouped_mm`` (:mod:`.grouped_mm`): :func:`~multimodal_moe.layers.experts.grouped_matmul` and
+  :class:`~multimodal_moe.layers.experts.GroupedExperts` in bf16 against a loop over experts of
   ``torch.mm`` in fp32 on the same values, experts with zero rows included: forward and input and
   weight gradients; the experts also with fp32 weights under bf16 autocast, as the trainer runs
   them; and rows/s of the grouped path against the loop at a realistic shape.

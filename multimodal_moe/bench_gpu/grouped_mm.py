@@ -1,5 +1,5 @@
-"""The ``grouped_mm`` section of ``mmoe bench gpu``: :func:`~multimodal_moe.layers.moe.grouped_matmul`
-and :class:`~multimodal_moe.layers.moe.GroupedExperts` in bf16 against a loop over experts of
+"""The ``grouped_mm`` section of ``mmoe bench gpu``: :func:`~multimodal_moe.layers.experts.grouped_matmul`
+and :class:`~multimodal_moe.layers.experts.GroupedExperts` in bf16 against a loop over experts of
 ``torch.mm`` in fp32 on the same values (experts without rows included), and the grouped path's
 speed against the loop."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..layers.moe import GroupedExperts, grouped_matmul
+from ..layers.experts import GroupedExperts, grouped_matmul
 from .harness import Plan, Sizes, each, median_seconds
 
 __all__ = ["loop_experts", "loop_matmul", "section"]

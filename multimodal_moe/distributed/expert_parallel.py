@@ -2,7 +2,7 @@
 tokens sent to their experts' ranks and back by an autograd all-to-all.
 
 GShard (arXiv 2006.16668) and Switch Transformers (arXiv 2101.03961) place E/R experts on each
-of R ranks. :func:`shard_experts` swaps every :class:`~multimodal_moe.layers.moe.GroupedExperts`
+of R ranks. :func:`shard_experts` swaps every :class:`~multimodal_moe.layers.experts.GroupedExperts`
 of a model (top-k and Multi-Head MoE) for an :class:`ExpertParallelExperts` holding this rank's
 slice under the same parameter names, so routing, losses and statistics are untouched: the
 router still sorts assignments by (global) expert, and the swapped module
@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layers.moe import GroupedExperts, TopKMoE
+from ..layers.experts import GroupedExperts
+from ..layers.moe import TopKMoE
 
 __all__ = ["ExpertParallelExperts", "all_to_all", "consolidate_experts", "localize_experts", "shard_experts"]
 

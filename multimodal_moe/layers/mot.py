@@ -32,7 +32,8 @@ from torch import nn
 
 from ..configurable import ConfigError, config
 from .ffn import Activation, FFNConfig, FFNOutput
-from .moe import GroupedExperts, TopKMoE, TopKMoEConfig, compute_dtype
+from .experts import GroupedExperts, compute_dtype
+from .moe import TopKMoE, TopKMoEConfig
 
 __all__ = ["MixtureOfTokens", "MixtureOfTokensConfig", "topk_config_from_mot", "topk_from_mot"]
 

@@ -8,13 +8,12 @@ the optimizer (AdamW, Adam or Adafactor from timm's factory: no decay on biases,
 positions and CLS/mask tokens; optional layer-wise lr decay) at the schedule's lr for the
 update (:mod:`.optim`) -> optional weight EMA. A step whose loss or gradient is not finite on
 any rank is skipped by every rank and counted; ``max_bad_steps`` in a row stop the run with its
-last good checkpoint intact. Every
-``log_every`` steps rank 0 appends the ranks' mean values to ``metrics.jsonl`` (:mod:`.metrics`);
-every ``checkpoint_every`` steps and at the end a checkpoint is written (:mod:`.checkpoint`,
-in whatever layout the parallelism has: :meth:`~multimodal_moe.distributed.Parallel.full_state`). A
-resumed run restores weights, optimizer, and each rank's RNG, data-reader position
-and current log interval, so it continues exactly as the uninterrupted run would have (bitwise
-on CPU with the same thread count).
+last good checkpoint intact. Every ``log_every`` steps rank 0 appends the ranks' mean values to
+``metrics.jsonl`` (:mod:`.metrics`); every ``checkpoint_every`` steps and at the end a
+checkpoint is written (:mod:`.checkpoint`, in whatever layout the parallelism has:
+:meth:`~multimodal_moe.distributed.Parallel.full_state`). A resumed run restores weights,
+optimizer, and each rank's RNG, data-reader position and current log interval, so it continues
+exactly as the uninterrupted run would have (bitwise on CPU with the same thread count).
 """
 
 from __future__ import annotations
