@@ -5,7 +5,7 @@
   pair's, replaced BERT-style (arXiv 1810.04805) by ``<mask>`` 80% / a random token 10% /
   themselves 10%. unilm draws random ids from [3, vocab); we draw from the non-special ids
   [4, vocab) without ``<mask>``, so a random replacement is never ``<unk>`` or a mask in disguise.
-- :func:`pack_documents` — documents joined by eos and cut into fixed-length chunks for
+- :class:`TokenPacker` — documents joined by eos and cut into fixed-length chunks for
   next-token prediction, with no padding.
 
 Shapes: B batch, L sequence length (tokens, bos and eos included).
@@ -14,11 +14,11 @@ Shapes: B batch, L sequence length (tokens, bos and eos included).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["IMAGE_TEXT_MASK_RATIO", "TEXT_MASK_RATIO", "TokenPacker", "mask_tokens", "pack_documents"]
+__all__ = ["IMAGE_TEXT_MASK_RATIO", "TEXT_MASK_RATIO", "TokenPacker", "mask_tokens"]
 
 TEXT_MASK_RATIO = 0.15
 IMAGE_TEXT_MASK_RATIO = 0.5
@@ -142,13 +142,3 @@ class TokenPacker:
     def rest(self) -> list:
         """Nothing: the incomplete tail of the stream is never emitted."""
         return []
-
-
-def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> Iterator[list[int]]:
-    """Chunks of ``seq_len + 1`` tokens of ``doc_0 + [eos] + doc_1 + [eos] + ...`` for next-token
-    prediction, as :class:`TokenPacker` cuts them. Lazy: reads only as many documents as the
-    chunks it yields need."""
-    packer = TokenPacker(1, seq_len)
-    for index, doc in enumerate(docs):
-        for rows, _, _ in packer.add(index, [*doc, eos_id]):
-            yield rows[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterable, Iterator
 from pydoc_data.topics import topics
 
 import pytest
@@ -11,7 +12,7 @@ import sentencepiece as spm
 import torch
 
 from data_pipelines.skips import SkipSample
-from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens, pack_documents
+from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 
 CORPUS = [line.strip() for text in topics.values() for line in text.splitlines() if line.strip()][:600]
@@ -376,6 +377,16 @@ DOC_SETS = [
     [[1]],
     [],
 ]
+
+
+def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> Iterator[list[int]]:
+    """One packer's chunks of ``seq_len + 1`` tokens of ``doc_0 + [eos] + doc_1 + [eos] + ...``,
+    read lazily: only as many documents as the chunks need."""
+    packer = TokenPacker(1, seq_len)
+    for index, doc in enumerate(docs):
+        for rows, _, _ in packer.add(index, [*doc, eos_id]):
+            yield rows[0]
+
 
 
 @pytest.mark.parametrize("docs", DOC_SETS)
