@@ -143,7 +143,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_train_visual_codebook(args: argparse.Namespace) -> int:
-    from .visual_codebook import codebook_from_shards
+    from multimodal_moe.tasks.visual_codebook import codebook_from_shards
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from .atomic import put_in_place, remove, staging_path
 
 __all__ = ["IMAGE_FIELDS", "KINDS", "ShardSink", "safe_key", "shard_urls"]
 
@@ -87,9 +88,8 @@ class ShardSink:
             raise FileExistsError(f"{self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
         self.kind, self.prefix = kind, prefix
         self.maxcount, self.maxsize = maxcount, maxsize
-        self._tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
-        if self._tmp.exists():
-            shutil.rmtree(self._tmp)
+        self._tmp = staging_path(self.out_dir)
+        remove(self._tmp)
         self._tmp.mkdir(parents=True)
         self._writer: wds.TarWriter | None = None
         self._shard_sizes: dict[str, int] = {}
@@ -136,20 +136,17 @@ class ShardSink:
         """Finish the last shard, write ``sizes.json`` and ``manifest.json``, move into place."""
         self._close_shard()
         if not self._shard_sizes:
-            shutil.rmtree(self._tmp)
+            remove(self._tmp)
             raise ValueError(f"no samples were written for {self.out_dir}")
         (self._tmp / "sizes.json").write_text(json.dumps(self._shard_sizes, indent=1) + "\n")
         manifest = {"kind": self.kind, "samples": sum(self._shard_sizes.values()),
                     "shards": len(self._shard_sizes), "fields": dict(sorted(self.fields.items()))}
         (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self._tmp.rename(self.out_dir)
-        return self.out_dir
+        return put_in_place(self._tmp, self.out_dir)
 
     def abort(self) -> None:
         self._close_shard()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        remove(self._tmp)
 
     def __enter__(self) -> ShardSink:
         return self

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import sentencepiece as spm
+
+from .atomic import atomic_write
 
 from .skips import SkipSample, decode_text
 
@@ -226,20 +227,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, *, vocab_
             raise ValueError(f"vocab_size={vocab_size} is more than this corpus supports ({e}); "
                              "pass a smaller vocab_size or more text") from e
         raise
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
+    with atomic_write(out_path, fsync=True) as tmp:
+        tmp.write_bytes(proto.getvalue())
         if out_path.exists() and not overwrite:
             raise FileExistsError(f"{out_path} appeared while training; pass overwrite=True to replace it")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return Tokenizer(spm.SentencePieceProcessor(model_proto=proto.getvalue()), layout)

@@ -27,8 +27,8 @@ from data_pipelines.images import (
 )
 from data_pipelines.masking import BlockMaskGenerator
 from data_pipelines.skips import SkipSample
-from data_pipelines.visual_codebook import train_kmeans_codebook
 from multimodal_moe.configurable import ConfigError, parse
+from multimodal_moe.tasks.visual_codebook import train_kmeans_codebook
 from multimodal_moe.tasks.visual_targets import (
     KMeansCodebook,
     KMeansTargetsConfig,

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from data_pipelines.shards import KINDS, ShardSink, safe_key
 from data_pipelines.streams import shard_texts
 from data_pipelines.tokenizer import train_tokenizer
-from data_pipelines.visual_codebook import codebook_from_shards
+from multimodal_moe.tasks.visual_codebook import codebook_from_shards
 
 BUNDLED = Path(__file__).resolve().parents[1] / "bundled"
 SPLITS = ("train", "val")

@@ -9,7 +9,7 @@ One interface, :class:`VisualTargets` (``forward(images_B3HW) -> targets``, ``nu
   Codes (B, P) long.
 - ``kmeans``: :class:`KMeansCodebook`, the nearest code of a codebook learned by k-means on
   per-patch-normalised pixels (learned by ``mmoe data train-visual-codebook``:
-  :mod:`data_pipelines.visual_codebook`), a cheap stand-in for a learned tokenizer. Codes (B, P)
+  :mod:`.visual_codebook`), a cheap stand-in for a learned tokenizer. Codes (B, P)
   long.
 - ``pixels``: :class:`PixelTargets`, MAE's (arXiv 2111.06377) regression targets: each patch's
   pixels, normalised per patch. (B, P, C) float.
@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from data_pipelines.atomic import atomic_write
 
 from ..configurable import ConfigError, Registry, config
 from .base import data_path
@@ -126,10 +128,8 @@ class KMeansCodebook(VisualTargets):
         """A safetensors file: tensor ``codebook``, metadata ``kmeans_codebook_patch_size`` (one
         key: safetensors writes several in no fixed order, and the same codebook should give the
         same bytes). Written under a temporary name and renamed into place."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"codebook": self.codebook.contiguous()}, str(tmp), metadata={_CODEBOOK_KEY: str(self.patch_size)})
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            save_file({"codebook": self.codebook.contiguous()}, str(tmp), metadata={_CODEBOOK_KEY: str(self.patch_size)})
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansCodebook:

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from data_pipelines.atomic import atomic_write
+
 from ..tasks.base import TaskOutput
 
 __all__ = ["MetricsLog", "StepMeter", "merged_counts"]
@@ -192,9 +194,8 @@ class MetricsLog:
             if record.get("step", 0) > after_step:
                 break
             kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        tmp.replace(self.path)
+        with atomic_write(self.path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
 
     def clear(self) -> None:
         """An empty log, for a fresh run."""

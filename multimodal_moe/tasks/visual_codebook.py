@@ -1,6 +1,6 @@
 """Learning a k-means visual codebook (the ``kmeans`` visual targets of masked image modeling,
-:class:`multimodal_moe.tasks.visual_targets.KMeansCodebook`) from images: ``mmoe data
-train-visual-codebook`` and the bundled dataset's recipe."""
+:class:`~multimodal_moe.tasks.visual_targets.KMeansCodebook`) from images or from shards: ``mmoe
+data train-visual-codebook`` and the bundled dataset's recipe."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from multimodal_moe.tasks.visual_targets import CHUNK, KMeansCodebook, nearest_code, normalize_patches, patchify
+from data_pipelines.images import pretrain_transform
 
-from .images import pretrain_transform
+from .visual_targets import CHUNK, KMeansCodebook, nearest_code, normalize_patches, patchify
 
 __all__ = ["codebook_from_shards", "train_kmeans_codebook"]
 
@@ -80,8 +80,8 @@ def codebook_from_shards(shards: Sequence, *, image_size: int, patch_size: int, 
     """:func:`train_kmeans_codebook` on ``patches`` patches of pretraining-style random crops
     (``pretrain_transform(image_size)``) of the images in ``shards`` (image or image-text shards),
     read by a seeded resampled stream: the same shards and seed give the same codebook."""
-    from .processors import ImageProcessor
-    from .streams import ShardStream, StreamLoader
+    from data_pipelines.processors import ImageProcessor
+    from data_pipelines.streams import ShardStream, StreamLoader
 
     batch = 64
     stream = ShardStream(shards, ImageProcessor(pretrain_transform(image_size)), batch_size=batch, seed=seed)
