@@ -13,7 +13,9 @@ BEiT-3 (arXiv 2208.10442), section 3.2, and unilm's ``beit3`` retrieval handler:
   (open_clip's ``local_loss`` + ``gather_with_grad``), which averaged over ranks is the loss
   of the global batch;
 - metric: recall@1/5/10 both ways over unique images and all their captions
-  (:mod:`eval_tasks.retrieval_metric`), with the recall a random ranking would get.
+  (:mod:`eval_tasks.retrieval_metric`), with the recall a random ranking would get;
+- unilm's retrieval checkpoints: its ``vision_head``, ``language_head`` and ``logit_scale`` are
+  ours (its 0-d logit scale 1-D here), converted by :mod:`eval_tasks.beit3_convert`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,10 @@ from data_pipelines.batches import RetrievalBatch
 from data_pipelines.processors import RetrievalProcessor
 from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.distributed.env import current
+from multimodal_moe.models.beit3_weights import HeadMap, check_shapes
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
-from multimodal_moe.tasks.streams import TextStreamConfig
+from multimodal_moe.tasks.streams import TextStreamConfig, TokenizerConfig
 
 from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 from .retrieval_metric import retrieval_recall
@@ -41,6 +44,8 @@ from .retrieval_metric import retrieval_recall
 __all__ = ["Retrieval", "RetrievalConfig", "chance_recall", "clip_loss"]
 
 KS = (1, 5, 10)
+UNILM_HEADS = HeadMap(names={name: name for name in ("vision_head.weight", "language_head.weight", "logit_scale")},
+                      scalars=frozenset({"logit_scale"}))
 
 
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +97,7 @@ class RetrievalConfig(ImageTextFinetuneConfig):
     train: TextStreamConfig = TextStreamConfig(shards=("bundled:retrieval/train",), batch_size=32, max_len=32)
     eval_shards: tuple[str, ...] = ("bundled:retrieval/val",)
     embed_dim: int | None = None
+    unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
 
     def check(self) -> None:
         ImageTextFinetuneConfig.check(self)
@@ -100,6 +106,15 @@ class RetrievalConfig(ImageTextFinetuneConfig):
 
     def build(self, model: nn.Module) -> Retrieval:
         return Retrieval(self, model)
+
+    @classmethod
+    def from_unilm_heads(cls, heads: dict[str, torch.Tensor], *, dim: int, tokenizer: TokenizerConfig,
+                         answers: Path | None = None) -> RetrievalConfig:
+        """A config whose ``embed_dim`` is the projections' width."""
+        E = heads["vision_head.weight"].shape[0]
+        check_shapes(heads, {"vision_head.weight": (E, dim), "language_head.weight": (E, dim), "logit_scale": (1,)},
+                     f"the {cls.kind} head", UNILM_HEADS.their_name)
+        return cls(embed_dim=None if E == dim else E, tokenizer=tokenizer)
 
 
 class Retrieval(ImageTextFinetune):

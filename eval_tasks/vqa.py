@@ -11,7 +11,10 @@ VQA handler:
 - answer vocabulary: the most common answer of each training question, normalised, kept if it
   heads at least ``min_answer_count`` questions (3129 answers at 9 on VQAv2); questions
   without an answer in the vocabulary still train (all-zero targets) and are scored;
-- metric: the official VQA accuracy (:mod:`eval_tasks.vqa_metric`), overall and per question type.
+- metric: the official VQA accuracy (:mod:`eval_tasks.vqa_metric`), overall and per question type;
+- unilm's VQA checkpoints: its ``pooler.norm`` / ``pooler.dense`` and ``head`` are our pooler
+  and head, its ``answer2label.txt`` the answer list (read and written here, converted by
+  :mod:`eval_tasks.beit3_convert`).
 
 Deviation: answers are normalised with the official evaluation's rules for the vocabulary too
 (ViLT and BEiT-3 use a slightly different punctuation list there).
@@ -21,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +39,22 @@ from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, SkipSample
 from data_pipelines.streams import tar_samples
 from multimodal_moe.configurable import ConfigError, config
-from multimodal_moe.models import ModelOutput
+from multimodal_moe.models import ModelConfig, ModelOutput
+from multimodal_moe.models.beit3_weights import ConversionError, HeadMap, HeadsNotConverted, check_shapes
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
-from multimodal_moe.tasks.streams import TextStreamConfig
+from multimodal_moe.tasks.streams import TextStreamConfig, TokenizerConfig
 
 from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
-__all__ = ["VQA", "VQAConfig", "answer_vocab", "build_answer_vocab"]
+__all__ = ["VQA", "VQAConfig", "answer_vocab", "build_answer_vocab", "read_answers"]
+
+ANSWERS_FILE = "answer2label.txt"  # unilm's name for a VQA head's answer list
+UNILM_HEADS = HeadMap(names={
+    "pooler.norm.weight": "pooler.0.weight", "pooler.norm.bias": "pooler.0.bias",
+    "pooler.dense.weight": "pooler.1.weight", "pooler.dense.bias": "pooler.1.bias",
+    **{f"head.{i}.{p}": f"head.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}})
 
 
 def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
@@ -62,6 +73,22 @@ def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
             if answers:
                 counts[Counter(answers).most_common(1)[0][0]] += 1
     return sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
+
+
+def read_answers(path: str | os.PathLike) -> list[str]:
+    """VQA answers in head order from unilm's ``answer2label.txt`` (JSON lines with ``answer``
+    and ``label``) or a plain list, one answer per line."""
+    lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if lines and lines[0].lstrip().startswith("{"):
+        try:
+            pairs = sorted((int(rec["label"]), str(rec["answer"])) for rec in map(json.loads, lines))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConversionError(f"{path}: expected JSON lines with 'answer' and 'label' ({e})") from None
+        labels = [label for label, _ in pairs]
+        if labels != list(range(len(pairs))):
+            raise ConversionError(f"{path}: labels must be 0..{len(pairs) - 1}, each once")
+        return [answer for _, answer in pairs]
+    return [ln.strip() for ln in lines]
 
 
 def answer_vocab(cfg: VQAConfig) -> list[str]:
@@ -92,6 +119,7 @@ class VQAConfig(ImageTextFinetuneConfig):
     answers: tuple[str, ...] = ()
     min_answer_count: int = 1
     head_lr_scale: float = 20.0
+    unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
 
     def check(self) -> None:
         ImageTextFinetuneConfig.check(self)
@@ -114,6 +142,42 @@ class VQAConfig(ImageTextFinetuneConfig):
     def build(self, model: nn.Module) -> VQA:
         return VQA(self, model)
 
+    @classmethod
+    def from_unilm_heads(cls, heads: dict[str, torch.Tensor], *, dim: int, tokenizer: TokenizerConfig,
+                         answers: Path | None = None) -> VQAConfig:
+        """A config whose answers are ``answers`` (unilm's ``answer2label.txt``), one per output."""
+        A = heads["head.3.weight"].shape[0]
+        if answers is None:
+            raise HeadsNotConverted(f"its {A} outputs need their answers (pass --answers {ANSWERS_FILE})")
+        answer_list = read_answers(answers)
+        if len(answer_list) != A:
+            raise ConversionError(f"the VQA head has {A} answers, the answer list {len(answer_list)}")
+        with torch.device("meta"):  # shapes only
+            pooler, head = _pooler_and_head(dim, A)
+        expected = nn.ModuleDict({"pooler": pooler, "head": head}).state_dict()
+        check_shapes(heads, {k: tuple(v.shape) for k, v in expected.items()}, f"the {cls.kind} head",
+                     UNILM_HEADS.their_name)
+        return cls(answers=tuple(answer_list), tokenizer=tokenizer)
+
+    def write_unilm_files(self, dst: Path, model: ModelConfig) -> list[str]:
+        """The head's answers in label order, as unilm's ``answer2label.txt``; a note if the
+        encoder has the final LayerNorm that unilm's VQA model lacks."""
+        notes = []
+        if model.normalize_output:
+            notes.append("unilm's VQA model has no final LayerNorm, this one does (beit3.encoder.layer_norm.*): "
+                         "build unilm's model with normalize_output=True to use it")
+        path = Path(f"{dst}.{ANSWERS_FILE}")
+        path.write_text("".join(json.dumps({"answer": a, "label": i}) + "\n"
+                                for i, a in enumerate(answer_vocab(self))), encoding="utf-8")
+        return [*notes, f"VQA answers in head order: {path}"]
+
+
+def _pooler_and_head(D: int, answers: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """The pooler (LayerNorm -> Linear -> tanh, over the image CLS token) and the classifier
+    (Linear(D -> 2D) -> LayerNorm -> GELU -> Linear(-> answers)), default-initialised."""
+    return (nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.Tanh()),
+            nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(), nn.Linear(2 * D, answers)))
+
 
 class VQA(ImageTextFinetune):
     """The ``vqa`` task: pooler and answer classifier over the joint encoding."""
@@ -122,9 +186,7 @@ class VQA(ImageTextFinetune):
         super().__init__(cfg, model)
         self.answers = answer_vocab(cfg)
         D = model.cfg.dim
-        self.pooler = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.Tanh())
-        self.head = nn.Sequential(nn.Linear(D, 2 * D), nn.LayerNorm(2 * D), nn.GELU(),
-                                  nn.Linear(2 * D, len(self.answers)))
+        self.pooler, self.head = _pooler_and_head(D, len(self.answers))
         for m in [*self.pooler, *self.head]:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -18,10 +18,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import multimodal_moe as mm
-from eval_tasks.beit3_convert import ConversionError, from_beit3, read_answers, resize_vision_positions, to_beit3
+from eval_tasks.beit3_convert import ConversionError, from_beit3, to_beit3
 from eval_tasks.evaluate import load_task
+from eval_tasks.vqa import read_answers
 from multimodal_moe.cli import main
 from multimodal_moe.configurable import to_dict
+from multimodal_moe.models.beit3_weights import resize_vision_positions
 from multimodal_moe.training import Checkpoint, build_task
 from multimodal_moe.training.checkpoint import save_checkpoint
 

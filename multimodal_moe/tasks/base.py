@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ from ..configurable import ConfigError, Registry
 from ..layers.block import BlockStats
 from ..layers.ffn import FFNConfig
 from ..models import ModelConfig
+
+if TYPE_CHECKING:
+    from ..models.beit3_weights import HeadMap
+    from .streams import TokenizerConfig
 
 __all__ = ["BUNDLED_PREFIX", "Task", "TaskConfig", "TaskOutput", "TrainData", "check_group_sizes", "data_path",
            "group_sizes"]
@@ -111,6 +115,7 @@ class TaskConfig(Registry):
     ``vqa`` and ``retrieval``, in ``eval_tasks``; any installed package can add its own)."""
 
     entry_points: ClassVar[str | None] = "multimodal_moe.tasks"
+    unilm_heads: ClassVar[HeadMap | None] = None  # unilm's beit3 names for the heads; None: unilm has none
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise :class:`~multimodal_moe.configurable.ConfigError` if the task cannot train ``model``."""
@@ -147,6 +152,27 @@ class TaskConfig(Registry):
         order); two configs whose heads have the same names and shapes can share head weights
         only if these agree."""
         return {}
+
+    # -- heads in unilm's BEiT-3 checkpoints (``unilm_heads``; eval_tasks.beit3_convert converts them) --
+
+    @classmethod
+    def from_unilm_heads(cls, heads: dict[str, torch.Tensor], *, dim: int, tokenizer: TokenizerConfig,
+                         answers: Path | None = None) -> TaskConfig:
+        """The config of this task with the unilm head ``heads`` (complete, under our names),
+        over an encoder of width ``dim``; raise ``ConversionError`` if the head does not fit it
+        and ``HeadsNotConverted`` if it needs what was not given.
+
+        Args:
+            tokenizer: the tokenizer the converted model expects.
+            answers: the answer list given with the checkpoint (``--answers``), for a head
+                whose outputs are answers.
+        """
+        raise NotImplementedError(f"the {cls.kind} task declares unilm heads but not how to read them")
+
+    def write_unilm_files(self, dst: Path, model: ModelConfig) -> list[str]:
+        """Write what goes beside this task's heads exported to unilm's layout in the file
+        ``dst`` (as ``<dst>.<name>``) and return notes for the user; by default nothing."""
+        return []
 
 
 TaskConfig.register_lazy("lm", "multimodal_moe.tasks.lm:LanguageModelingConfig")

@@ -50,8 +50,9 @@ from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path, gr
 from .streams import StreamConfig, TextStreamConfig, TokenizerConfig
 from .visual_targets import KMeansTargetsConfig, PixelTargetsConfig, VQKDTargetsConfig, VisualTargetsConfig
 
-__all__ = ["HeldOutShards", "KMeansTargetsConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "PixelTargetsConfig",
-           "VQKDTargetsConfig", "VisualTargetsConfig"]  # the targets' configs, re-exported from .visual_targets
+# the visual targets' configs are re-exported from .visual_targets
+__all__ = ["HeldOutShards", "KMeansTargetsConfig", "MaskedDataModeling", "MaskedDataModelingConfig",
+           "PixelTargetsConfig", "VQKDTargetsConfig", "VisualTargetsConfig"]
 
 
 @config

@@ -129,7 +129,8 @@ class KMeansCodebook(VisualTargets):
         key: safetensors writes several in no fixed order, and the same codebook should give the
         same bytes). Written under a temporary name and renamed into place."""
         with atomic_write(path) as tmp:
-            save_file({"codebook": self.codebook.contiguous()}, str(tmp), metadata={_CODEBOOK_KEY: str(self.patch_size)})
+            save_file({"codebook": self.codebook.contiguous()}, str(tmp),
+                      metadata={_CODEBOOK_KEY: str(self.patch_size)})
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansCodebook:

@@ -14,6 +14,8 @@ the newest. Each checkpoint directory holds::
     checksums.json      CRC-32 and size of every other file, checked whenever one is read, so a
                         flipped bit or a truncated file is an error naming it, never loaded
 
+A converted checkpoint is such a folder on its own (:class:`FolderWriter`), without ``state.pt``.
+
 It is written into ``.tmp-step_XXXXXXX`` (every file flushed to disk), renamed into place,
 and only then is ``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX). To
 make room, the oldest checkpoints are deleted before the new one is written, down to
@@ -45,8 +47,8 @@ from torch import nn
 from ..config import Config, dump_config
 from ..configurable import ConfigError, parse, to_dict
 
-__all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "config_differences", "find_checkpoint",
-           "load_weights", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "FolderWriter", "check_new_folder",
+           "config_differences", "find_checkpoint", "load_weights", "save_checkpoint"]
 
 MODEL_FILE, HEADS_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, SHARDED_DIR, CHECKSUMS_FILE = (
     "model.safetensors", "heads.safetensors", "ema.safetensors", "state.pt", "config.yaml", "sharded",
@@ -130,11 +132,14 @@ class CheckpointWriter:
         self.tmp = self.root / f".tmp-{self.name}"
         if is_main:
             self.root.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists():  # left by a crash
-                shutil.rmtree(self.tmp)
             self._prune(max(keep - 1, 1))
-            self.tmp.mkdir()
+            self._start()
         barrier()
+
+    def _start(self) -> None:
+        if self.tmp.exists():  # left by a crash
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
 
     def _prune(self, keep: int) -> None:
         """Delete the oldest checkpoints beyond the newest ``keep``, never the one ``latest`` names."""
@@ -155,39 +160,73 @@ class CheckpointWriter:
         return CheckpointError(f"writing checkpoint {self.name} into {self.tmp} failed: {e.strerror or e} "
                                f"({free} bytes free on that disk{need}); the previous checkpoints are intact")
 
-    def write(self, *, model: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], state: dict[str, Any],
-              cfg: Config, ema: dict[str, torch.Tensor] | None = None) -> None:
-        """Rank 0's files: weights, training state, config."""
+    def write(self, *, model: dict[str, torch.Tensor], heads: dict[str, torch.Tensor], cfg: Config,
+              state: dict[str, Any] | None = None, ema: dict[str, torch.Tensor] | None = None,
+              files: dict[str, str] | None = None) -> None:
+        """Rank 0's files: weights, training state (none in a converted checkpoint), config, and
+        ``files`` (name -> text: a converter's report), all checksummed."""
         try:
             save_weights(model, self.tmp / MODEL_FILE, self.step)
             save_weights(heads, self.tmp / HEADS_FILE, self.step)
             if ema is not None:
                 save_weights(ema, self.tmp / EMA_FILE, self.step)
-            torch.save({**state, "step": self.step}, self.tmp / STATE_FILE)
+            if state is not None:
+                torch.save({**state, "step": self.step}, self.tmp / STATE_FILE)
             (self.tmp / CONFIG_FILE).write_text(dump_config(cfg))
+            for name, text in (files or {}).items():
+                (self.tmp / name).write_text(text)
         except OSError as e:
             raise self._failed(e) from e
         except RuntimeError as e:  # torch.save reports a full disk as an "enforce fail" RuntimeError
             raise self._failed(OSError(str(e).splitlines()[0])) from e
 
+    def _publish(self) -> None:
+        """Checksum and flush the temporary folder, then rename it into place."""
+        write_checksums(self.tmp)
+        for f in sorted(self.tmp.rglob("*"), reverse=True):
+            _fsync(f)
+        _fsync(self.tmp)
+        final = self.root / self.name
+        if final.exists():  # the same step again (a run that ends where it was checkpointed)
+            shutil.rmtree(final)
+        os.replace(self.tmp, final)
+
     def commit(self, keep: int) -> Path:
         """Flush, rename into place, repoint ``latest``, delete the oldest beyond ``keep``."""
         self.barrier()
-        final = self.root / self.name
         if self.is_main:
-            write_checksums(self.tmp)
-            for f in sorted(self.tmp.rglob("*"), reverse=True):
-                _fsync(f)
-            _fsync(self.tmp)
-            if final.exists():  # the same step again (a run that ends where it was checkpointed)
-                shutil.rmtree(final)
-            os.replace(self.tmp, final)
+            self._publish()
             point_latest(self.root, self.name)
-            for old in sorted(p for p in self.root.glob("step_*") if p.is_dir())[:-keep]:
-                if old.name != self.name:
-                    shutil.rmtree(old)
+            self._prune(keep)
         self.barrier()
-        return final
+        return self.root / self.name
+
+
+def check_new_folder(path: str | Path) -> None:
+    """Raise ``FileExistsError`` unless ``path`` is absent or an empty directory."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory; choose another --dst")
+
+
+class FolderWriter(CheckpointWriter):
+    """A checkpoint written as the folder ``path`` itself (absent or empty), outside any run: a
+    converted one. The same files and checksums, renamed into place by :meth:`commit`, but no
+    ``latest`` and nothing pruned; single-process, ``step`` only labels the weights."""
+
+    def __init__(self, path: str | Path, step: int = 0):
+        path = Path(path)
+        check_new_folder(path)
+        self.root, self.name, self.step, self.is_main, self.barrier = path.parent, path.name, step, True, lambda: None
+        self.tmp = self.root / f".tmp-{self.name}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._start()
+
+    def commit(self, keep: int = 1) -> Path:
+        """Flush and rename into place (``keep`` is unused: nothing is pruned)."""
+        check_new_folder(self.root / self.name)
+        self._publish()
+        return self.root / self.name
 
 
 def task_states(task: nn.Module, state: dict[str, torch.Tensor] | None = None
