@@ -43,7 +43,7 @@ from multimodal_moe.models.beit3_weights import (
     torchscale_incompatibilities,
 )
 from multimodal_moe.tasks.base import TaskConfig
-from multimodal_moe.tasks.streams import TokenizerConfig
+from multimodal_moe.tasks.stream_config import TokenizerConfig
 from multimodal_moe.training.checkpoint import HEADS_FILE, Checkpoint, CheckpointError, FolderWriter, check_new_folder
 
 __all__ = ["ConversionError", "ConversionReport", "from_beit3", "to_beit3"]

@@ -7,14 +7,16 @@ from collections import Counter
 from collections.abc import Iterator
 
 from torch import nn
+from tqdm import tqdm
 
 from data_pipelines.images import ImageTransform, eval_transform, finetune_transform
+from data_pipelines.paths import data_path
 from data_pipelines.streams import Processor, ShardStream, StreamLoader, derive_seed
 from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.distributed.env import current
 from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
-from multimodal_moe.tasks.base import Task, TaskConfig, data_path
-from multimodal_moe.tasks.streams import SingleStream, TextStreamConfig, TokenizerConfig
+from multimodal_moe.tasks.base import Task, TaskConfig
+from multimodal_moe.tasks.stream_config import SingleStream, TextStreamConfig, TokenizerConfig
 
 __all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig", "gather_counts", "gather_lists", "is_main_rank"]
 
@@ -90,12 +92,16 @@ class ImageTextFinetune(Task):
         return SingleStream(self.cfg.kind, self.cfg.train.loader(self.processor(True), seed=derive_seed(seed, 0),
                                                                   num_workers=num_workers, pin_memory=pin_memory))
 
-    def eval_batches(self, num_workers: int = 0, skipped: Counter | None = None) -> Iterator:
+    def eval_batches(self, num_workers: int = 0, skipped: Counter | None = None, progress: bool = False
+                     ) -> Iterator:
         """One pass over ``eval_shards`` (this rank's share under torchrun: gather the results
-        with :func:`gather_lists`); the samples skipped are added to ``skipped`` per reason."""
+        with :func:`gather_lists`); the samples skipped are added to ``skipped`` per reason.
+        ``progress``: a bar of the batches on rank 0."""
         stream = ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self.processor(False),
                              batch_size=self.cfg.eval_batch_size, resampled=False)
-        for batch in StreamLoader(stream, num_workers=num_workers):
+        batches = StreamLoader(stream, num_workers=num_workers)
+        for batch in tqdm(batches, desc=f"evaluate {self.cfg.kind}", unit="batch", leave=False,
+                          disable=not (progress and is_main_rank())):
             if skipped is not None:
                 skipped.update(batch.skipped)
             yield batch

@@ -27,7 +27,7 @@ from data_pipelines.skips import SkipCounter, decode_json, decode_text
 from data_pipelines.streams import tar_samples
 from data_pipelines.tokenizer import Tokenizer
 from multimodal_moe.layers import MixtureOfTokensConfig
-from multimodal_moe.tasks.base import data_path
+from data_pipelines.paths import data_path
 
 __all__ = ["multiple_choice", "perplexity", "read_documents", "read_documents_and_languages"]
 

@@ -36,7 +36,7 @@ from multimodal_moe.distributed.env import current
 from multimodal_moe.models.beit3_weights import HeadMap, check_shapes
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
-from multimodal_moe.tasks.streams import TextStreamConfig, TokenizerConfig
+from multimodal_moe.tasks.stream_config import TextStreamConfig, TokenizerConfig
 
 from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 from .retrieval_metric import retrieval_recall
@@ -166,7 +166,7 @@ class Retrieval(ImageTextFinetune):
         self.eval()
         device = next(self.parameters()).device
         image_ids, image_rows, caption_owners, text_rows, skipped = [], [], [], [], Counter()
-        for batch in self.eval_batches(num_workers, skipped):
+        for batch in self.eval_batches(num_workers, skipped, progress):
             batch = batch.to(device)
             image_BE, _ = self.encode_images(batch.images_B3HW)
             text_NE, _ = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)

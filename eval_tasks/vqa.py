@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipelines.batches import VQABatch
+from data_pipelines.paths import data_path
 from data_pipelines.processors import VQAProcessor, read_vqa_record
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, SkipSample
@@ -42,8 +43,8 @@ from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.models import ModelConfig, ModelOutput
 from multimodal_moe.models.beit3_weights import ConversionError, HeadMap, HeadsNotConverted, check_shapes
 from multimodal_moe.plots import figure
-from multimodal_moe.tasks.base import TaskConfig, TaskOutput, data_path
-from multimodal_moe.tasks.streams import TextStreamConfig, TokenizerConfig
+from multimodal_moe.tasks.base import TaskConfig, TaskOutput
+from multimodal_moe.tasks.stream_config import TextStreamConfig, TokenizerConfig
 
 from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
@@ -225,7 +226,7 @@ class VQA(ImageTextFinetune):
         self.eval()
         device = next(self.parameters()).device
         predictions, answers, types, ids, skipped = [], [], [], [], Counter()
-        for batch in self.eval_batches(num_workers, skipped):
+        for batch in self.eval_batches(num_workers, skipped, progress):
             logits_BA, _ = self.logits(batch.to(device))
             predictions += [self.answers[i] for i in logits_BA.argmax(1).tolist()]
             answers += batch.answers

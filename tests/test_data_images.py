@@ -573,15 +573,15 @@ def test_vqkd_state_dict_round_trip(tokenizer):
 
 def test_vqkd_load_errors(tokenizer):
     state_dict = tokenizer.state_dict()
-    with pytest.raises(ValueError, match=r"unexpected keys \['encoder.blocks.0.attn.k_bias'\]"):
+    with pytest.raises(ValueError, match=r"unexpected: encoder.blocks.0.attn.k_bias;"):
         VQKDTokenizer.from_state_dict({**state_dict, "encoder.blocks.0.attn.k_bias": torch.zeros(32)}, heads=2)
     without_bias = {k: v for k, v in state_dict.items() if k != "encoder.blocks.1.attn.v_bias"}
-    with pytest.raises(ValueError, match=r"missing keys \['encoder.blocks.1.attn.v_bias'\]"):
+    with pytest.raises(ValueError, match=r"missing: encoder.blocks.1.attn.v_bias;"):
         VQKDTokenizer.from_state_dict(without_bias, heads=2)
     loose = VQKDTokenizer.from_state_dict({**state_dict, "extra.weight": torch.zeros(1)}, heads=2, strict=False)
     assert torch.equal(loose(images_for(tokenizer)), tokenizer(images_for(tokenizer)))
     bad_shape = {**state_dict, "encoder.blocks.1.mlp.fc2.weight": torch.zeros(32, 100)}
-    with pytest.raises(ValueError, match=r"blocks.1.mlp.fc2.weight: checkpoint \(32, 100\) vs model \(32, 128\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch: encoder.blocks.1.mlp.fc2.weight \(32, 100\) \(expected \(32, 128\)\)"):
         VQKDTokenizer.from_state_dict(bad_shape, heads=2)
     with pytest.raises(ValueError, match="not a VQ-KD state dict"):
         VQKDTokenizer.from_state_dict({"weight": torch.zeros(1)})

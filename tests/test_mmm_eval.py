@@ -15,7 +15,7 @@ import multimodal_moe as mm
 from data_pipelines.mixer import PretrainStep
 from data_pipelines.streams import ShardStream, StreamLoader
 from multimodal_moe.cli import main
-from multimodal_moe.tasks.base import data_path
+from data_pipelines.paths import data_path
 from multimodal_moe.tasks.mmm import PARTS, _filled
 from multimodal_moe.training import build_task
 from multimodal_moe.training.checkpoint import save_checkpoint

@@ -46,12 +46,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, features
 from tqdm import tqdm
 
+from data_pipelines.paths import BUNDLED
 from data_pipelines.shards import KINDS, ShardSink, safe_key
 from data_pipelines.streams import shard_texts
 from data_pipelines.tokenizer import train_tokenizer
 from multimodal_moe.tasks.visual_codebook import codebook_from_shards
 
-BUNDLED = Path(__file__).resolve().parents[1] / "bundled"
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.12
 # Every kind stores its own copy of an image and a tar member costs a 512-byte header, so each

@@ -42,6 +42,7 @@ from timm.layers import resample_abs_pos_embed
 
 from ..layers.ffn import DenseFFNConfig
 from ..layers.multiway import TEXT, VISION
+from ..state_dicts import compare_state, listing
 from .multiway_encoder import MultiwayEncoder, MultiwayEncoderConfig
 
 __all__ = ["ConversionError", "HeadMap", "HeadsNotConverted", "check_shapes", "encoder_to_torchscale",
@@ -80,13 +81,6 @@ class ConversionError(ValueError):
 class HeadsNotConverted(ConversionError):
     """A task head that needs what was not given to convert (a VQA head its answer list): the
     backbone converts without it, and the message says what is missing."""
-
-
-def listing(keys: list[str], limit: int = 12) -> str:
-    """Sorted keys, comma-separated, the first ``limit`` and a count of the rest."""
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -260,18 +254,8 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
                  name_of: Callable[[str], str | None]) -> None:
     """Every expected key present with its shape and nothing more; errors name the keys as the
     source file does (``name_of``: our name -> the source's)."""
-    def source(k: str) -> str:
-        return name_of(k) or k
-
-    missing = [source(k) for k in expected if k not in state]
-    unexpected = [source(k) for k in state if k not in expected]
-    wrong = [f"{source(k)} {tuple(state[k].shape)} (expected {tuple(shape)})"
-             for k, shape in expected.items() if k in state and state[k].shape != shape]
-    problems = ([f"missing: {listing(missing)}"] if missing else []) + (
-        [f"unexpected: {listing(unexpected)}"] if unexpected else []) + (
-        [f"shape mismatch: {listing(wrong)}"] if wrong else [])
-    if problems:
-        raise ConversionError(f"{what} does not fit the inferred model; " + "; ".join(problems))
+    if mismatch := compare_state(state, expected, name_of=name_of):
+        raise ConversionError(f"{what} does not fit the inferred model; {mismatch}")
 
 
 def load_encoder(backbone: dict[str, torch.Tensor], *, heads: int | None = None, image_size: int | None = None,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..models import DecoderLMConfig, ModelConfig, build_model
-from .base import Task, TaskConfig, TaskOutput, TrainData, data_path, group_sizes
+from .base import Task, TaskConfig, TaskOutput, TrainData, group_sizes
 
 __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "Task",
            "TaskConfig", "TaskOutput", "TrainData", "build_task", "data_path", "default_task"]
@@ -26,6 +26,10 @@ _LAZY = {"LanguageModeling": "lm", "LanguageModelingConfig": "lm", "MaskedDataMo
 
 
 def __getattr__(name: str) -> Any:
+    if name == "data_path":  # the resolver of bundled: paths, from the data side
+        from data_pipelines.paths import data_path
+
+        return data_path
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -36,9 +40,11 @@ def default_task(model: ModelConfig) -> TaskConfig:
     data modeling for the Multiway encoder, both on the bundled dataset, with batch sizes
     rounded up to a multiple of any Mixture-of-Tokens group size. The encoder predicts the
     bundled k-means codes when its patches have their size (8 pixels), else normalised pixels."""
+    from data_pipelines.paths import data_path
+
     from .lm import LanguageModelingConfig
     from .mmm import MaskedDataModelingConfig
-    from .streams import StreamConfig
+    from .stream_config import StreamConfig
     from .visual_targets import KMeansTargetsConfig, PixelTargetsConfig, codebook_patch_size
 
     if isinstance(model, DecoderLMConfig):

@@ -22,25 +22,12 @@ from ..configurable import ConfigError, Registry
 from ..layers.block import BlockStats
 from ..layers.ffn import FFNConfig
 from ..models import ModelConfig
+from ..models.beit3_weights import HeadMap  # a runtime name: the config parser resolves annotations
 
 if TYPE_CHECKING:
-    from ..models.beit3_weights import HeadMap
-    from .streams import TokenizerConfig
+    from .stream_config import TokenizerConfig
 
-__all__ = ["BUNDLED_PREFIX", "Task", "TaskConfig", "TaskOutput", "TrainData", "check_group_sizes", "data_path",
-           "group_sizes"]
-
-BUNDLED_PREFIX = "bundled:"
-
-
-def data_path(path: str) -> Path:
-    """A data path from a config: ``bundled:<rel>`` names a file of the bundled dataset
-    (``data_pipelines/bundled/<rel>``); anything else is a path as given."""
-    if path.startswith(BUNDLED_PREFIX):
-        import data_pipelines
-
-        return Path(data_pipelines.__file__).resolve().parent / "bundled" / path[len(BUNDLED_PREFIX):]
-    return Path(path)
+__all__ = ["Task", "TaskConfig", "TaskOutput", "TrainData", "check_group_sizes", "group_sizes"]
 
 
 @dataclass
@@ -124,6 +111,7 @@ class TaskConfig(Registry):
         """Raise ``FileNotFoundError`` naming every shard set (``shards``, ``eval_shards``) and
         file (``path``: tokenizer, codebook) of this config, at any depth, that is not there;
         called before the model is built, so a typo costs no model build."""
+        from data_pipelines.paths import data_path
         from data_pipelines.shards import shard_urls
 
         problems = []

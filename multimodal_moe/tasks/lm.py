@@ -19,7 +19,7 @@ from data_pipelines.streams import derive_seed
 from ..configurable import ConfigError, config
 from ..models import DecoderLMConfig, ModelConfig
 from .base import Task, TaskConfig, TaskOutput, check_group_sizes
-from .streams import SingleStream, TextStreamConfig, TokenizerConfig
+from .stream_config import SingleStream, TextStreamConfig, TokenizerConfig
 
 __all__ = ["LanguageModeling", "LanguageModelingConfig"]
 

@@ -39,6 +39,7 @@ from data_pipelines.batches import pinned
 from data_pipelines.images import pretrain_transform
 from data_pipelines.masking import BlockMaskGenerator
 from data_pipelines.mixer import PretrainMixer, PretrainStep
+from data_pipelines.paths import data_path
 from data_pipelines.processors import ImageProcessor, ImageTextProcessor, TextProcessor
 from data_pipelines.streams import ShardStream, StreamLoader, derive_seed
 from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
@@ -46,8 +47,8 @@ from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
 from ..configurable import ConfigError, Configurable, config
 from ..distributed.env import current
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
-from .base import Task, TaskConfig, TaskOutput, check_group_sizes, data_path, group_sizes
-from .streams import StreamConfig, TextStreamConfig, TokenizerConfig
+from .base import Task, TaskConfig, TaskOutput, check_group_sizes, group_sizes
+from .stream_config import StreamConfig, TextStreamConfig, TokenizerConfig
 from .visual_targets import KMeansTargetsConfig, PixelTargetsConfig, VQKDTargetsConfig, VisualTargetsConfig
 
 # the visual targets' configs are re-exported from .visual_targets

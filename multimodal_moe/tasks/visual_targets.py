@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from data_pipelines.atomic import atomic_write
+from data_pipelines.paths import data_path
 
 from ..configurable import ConfigError, Registry, config
-from .base import data_path
 
 __all__ = ["KMeansCodebook", "KMeansTargetsConfig", "PixelTargets", "PixelTargetsConfig", "VQKDTargetsConfig",
            "VisualTargets", "VisualTargetsConfig", "codebook_patch_size", "nearest_code", "normalize_patches",

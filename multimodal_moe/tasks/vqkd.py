@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from data_pipelines.images import BEIT3_MEAN, BEIT3_STD
 
+from ..state_dicts import StateMismatch, compare_state
 from .visual_targets import VisualTargets
 
 __all__ = ["VQKDTokenizer"]
@@ -165,18 +166,16 @@ class VQKDTokenizer(VisualTargets):
         tokenizer = cls(**sizes, **kwargs)
         expected = tokenizer.state_dict()
         ignored = sorted(k for k in state_dict if k.startswith(_VQKD_IGNORED_PREFIXES))
-        unexpected = sorted(k for k in state_dict if k not in expected and not k.startswith(_VQKD_IGNORED_PREFIXES))
-        missing = sorted(k for k in expected if k not in state_dict)
-        mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                      for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-        if mismatched:
+        mismatch = compare_state(state_dict, {k: v.shape for k, v in expected.items()},
+                                 ignore=lambda k: k.startswith(_VQKD_IGNORED_PREFIXES))
+        if mismatch.wrong_shape:
             raise ValueError(f"VQ-KD state dict shapes do not fit the sizes inferred from it ({sizes}): "
-                             + "; ".join(mismatched))
-        if (missing or unexpected) and strict:
-            raise ValueError(f"VQ-KD state dict does not match the encoder ({sizes}): missing keys {missing}, "
-                             f"unexpected keys {unexpected}; pass strict=False to load the rest")
-        if missing or unexpected:
-            log.warning("VQ-KD load: missing keys %s (left at init), unexpected keys %s (ignored)", missing, unexpected)
+                             f"{StateMismatch(wrong_shape=mismatch.wrong_shape)}")
+        if mismatch and strict:
+            raise ValueError(f"VQ-KD state dict does not match the encoder ({sizes}): {mismatch}; pass strict=False "
+                             f"to load the rest")
+        if mismatch:
+            log.warning("VQ-KD load: %s (missing weights left at init, unexpected ones ignored)", mismatch)
         tokenizer.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
         tokenizer.ignored_keys = ignored
         if ignored:

@@ -46,6 +46,7 @@ from torch import nn
 
 from ..config import Config, dump_config
 from ..configurable import ConfigError, parse, to_dict
+from ..state_dicts import compare_state
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "FolderWriter", "check_new_folder",
            "config_differences", "find_checkpoint", "load_weights", "save_checkpoint"]
@@ -289,15 +290,13 @@ def config_differences(saved: Any, requested: Any, prefix: str = "") -> list[str
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``module.load_state_dict(state)``, strict except for names that alias a loaded tensor
     (tied weights are stored once); any other missing or unexpected key is an error naming it."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{source} does not fit the model: {e}") from None
     params = dict(module.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in state if k in params}
-    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not fit the model: missing {missing}, unexpected {unexpected}")
+    expected = {k: v.shape for k, v in module.state_dict(keep_vars=True).items()
+                if k in state or not (k in params and id(params[k]) in loaded)}
+    if mismatch := compare_state(state, expected):
+        raise CheckpointError(f"{source} does not fit the model: {mismatch}")
+    module.load_state_dict(state, strict=False)
 
 
 @dataclass

@@ -1,14 +1,15 @@
-"""Configs of the shard streams tasks read, and how they become loaders."""
+"""Configs of the shard streams tasks read (and of their tokenizer), and how they become
+loaders: the config side of :mod:`data_pipelines.streams`, which reads the shards."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+from data_pipelines.paths import data_path
 from data_pipelines.streams import Processor, ShardStream, StreamLoader
 from data_pipelines.tokenizer import Tokenizer
 
 from ..configurable import ConfigError, Configurable, config
-from .base import data_path
 
 __all__ = ["SingleStream", "StreamConfig", "TextStreamConfig", "TokenizerConfig"]
 
