@@ -1,6 +1,6 @@
 """Process-level state of a training process: its random generators, the autocast dtype its
-precision setting means on its device, and (below) glibc's allocator settings for fast CPU
-training.
+precision setting means on its device, SIGTERM caught as a flag, and (below) glibc's allocator
+settings for fast CPU training.
 
 glibc hands every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB)
 fresh pages from the kernel and returns them on free, so each training step page-faults on
@@ -15,14 +15,17 @@ no extra library and no environment variable.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import random
+import signal
+import threading
 from typing import Any
 
 import torch
 
-__all__ = ["autocast_dtype", "keep_freed_memory", "rng_state", "set_rng_state"]
+__all__ = ["autocast_dtype", "keep_freed_memory", "rng_state", "set_rng_state", "sigterm_flag"]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -78,3 +81,18 @@ def keep_freed_memory(top_pad_bytes: int = 1 << 30) -> bool:
                 (_M_TOP_PAD, min(top_pad_bytes, _INT_MAX)))
     _applied = all(libc.mallopt(param, ctypes.c_int(value)) == 1 for param, value in settings)
     return _applied
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A list that gets an entry when SIGTERM arrives, while the block runs (the previous handler
+    is put back after; outside the main thread, where handlers cannot be set, nothing changes)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)

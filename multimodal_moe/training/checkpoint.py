@@ -1,27 +1,13 @@
 """Checkpoints: written so a crash at any instant never leaves one that gets loaded half-written.
 
-A run's ``checkpoints/`` folder holds ``step_XXXXXXX/`` directories and ``latest``, a symlink to
-the newest. Each checkpoint directory holds::
-
-    model.safetensors   the backbone's weights, whole (what fine-tuning and ``load_checkpoint`` read)
-    heads.safetensors   the task's own weights (pretraining heads)
-    ema.safetensors     the weight EMA of the backbone, when training keeps one
-    state.pt            optimizer (unless sharded), per-rank RNG and data-reader
-                        state, step, meters: plain tensors and containers, read with
-                        ``weights_only=True``
-    sharded/            FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint)
-    config.yaml         the resolved run config
-    checksums.json      CRC-32 and size of every other file, checked whenever one is read, so a
-                        flipped bit or a truncated file is an error naming it, never loaded
-
-A converted checkpoint is such a folder on its own (:class:`FolderWriter`), without ``state.pt``.
-
-It is written into ``.tmp-step_XXXXXXX`` (every file flushed to disk), renamed into place,
-and only then is ``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX). To
-make room, the oldest checkpoints are deleted before the new one is written, down to
-``keep - 1`` (at least one, and never the one ``latest`` names); a write that fails removes its
-temporary folder and says why (a full disk: where, how much is free, how much a checkpoint
-takes). Weights that share storage (a tied output projection) are stored once.
+What a checkpoint folder holds is :mod:`.checkpoint_layout`. A checkpoint is written into
+``.tmp-step_XXXXXXX`` (every file flushed to disk), renamed into place, and only then is
+``latest`` repointed (``os.replace`` of a fresh symlink, atomic on POSIX); a converted one is
+such a folder on its own (:class:`FolderWriter`). To make room, the oldest checkpoints are
+deleted before the new one is written, down to ``keep - 1`` (at least one, and never the one
+``latest`` names); a write that fails removes its temporary folder and says why (a full disk:
+where, how much is free, how much a checkpoint takes). Weights that share storage (a tied
+output projection) are stored once.
 """
 
 from __future__ import annotations
@@ -33,7 +19,6 @@ import pickle
 import re
 import shutil
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,62 +32,26 @@ from torch import nn
 from ..config import Config, dump_config
 from ..configurable import ConfigError, parse, to_dict
 from ..state_dicts import compare_state
+from .checkpoint_layout import (
+    CHECKSUMS_FILE,
+    CONFIG_FILE,
+    EMA_FILE,
+    HEADS_FILE,
+    MODEL_FILE,
+    SHARDED_DIR,
+    STATE_FILE,
+    CheckpointError,
+    file_checksum,
+    find_checkpoint,
+    fsync_path,
+    latest_target,
+    point_latest,
+    step_dir_name,
+    write_checksums,
+)
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointWriter", "FolderWriter", "check_new_folder",
            "config_differences", "find_checkpoint", "load_weights", "save_checkpoint"]
-
-MODEL_FILE, HEADS_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, SHARDED_DIR, CHECKSUMS_FILE = (
-    "model.safetensors", "heads.safetensors", "ema.safetensors", "state.pt", "config.yaml", "sharded",
-    "checksums.json")
-LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the requested model."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def file_checksum(path: Path) -> dict[str, int]:
-    """CRC-32 and size of a file, read in 16 MiB blocks."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            crc, size = zlib.crc32(block, crc), size + len(block)
-    return {"crc32": crc, "bytes": size}
-
-
-def write_checksums(directory: Path) -> None:
-    """``checksums.json`` of every file under ``directory``."""
-    sums = {str(p.relative_to(directory)): file_checksum(p) for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != CHECKSUMS_FILE}
-    (directory / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n")
-
-
-def latest_target(root: Path) -> Path | None:
-    """The checkpoint folder ``root/latest`` points at, if it points at one."""
-    latest = root / LATEST
-    return latest.resolve() if latest.exists() else None
-
-
-def point_latest(root: Path, name: str) -> None:
-    """Point ``root/latest`` at ``name`` atomically (``os.replace`` of a fresh symlink)."""
-    link = root / f".tmp-{LATEST}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(name)
-    os.replace(link, root / LATEST)
-    _fsync(root)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state with every tensor stored once: later names of a shared tensor are dropped."""
@@ -185,8 +134,8 @@ class CheckpointWriter:
         """Checksum and flush the temporary folder, then rename it into place."""
         write_checksums(self.tmp)
         for f in sorted(self.tmp.rglob("*"), reverse=True):
-            _fsync(f)
-        _fsync(self.tmp)
+            fsync_path(f)
+        fsync_path(self.tmp)
         final = self.root / self.name
         if final.exists():  # the same step again (a run that ends where it was checkpointed)
             shutil.rmtree(final)
@@ -252,25 +201,6 @@ def save_checkpoint(checkpoints_dir: str | Path, step: int, *, task: nn.Module, 
     model, heads = task_states(task)
     writer.write(model=model, heads=heads, state=state, cfg=cfg, ema=None if ema is None else ema.state_dict())
     return writer.commit(keep)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory ``path`` names: a checkpoint dir, ``checkpoints/latest``, a
-    run's ``checkpoints/`` folder or a run dir (both meaning their latest)."""
-    path = Path(path)
-    for candidate in (path, path / LATEST, path / "checkpoints" / LATEST):
-        if (candidate / MODEL_FILE).is_file() or (candidate / STATE_FILE).is_file():
-            return candidate.resolve()
-    for link in (path / LATEST, path / "checkpoints" / LATEST):
-        if link.is_symlink() and not link.exists():
-            others = sorted(p.name for p in link.parent.glob("step_*") if p.is_dir())
-            raise CheckpointError(f"{link} points at {os.readlink(link)}, which does not exist; the checkpoints there "
-                                  f"are {', '.join(others) or 'none'} (--resume=latest-intact takes the newest intact "
-                                  f"one)")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    raise CheckpointError(f"{str(path)!r} is not a checkpoint: expected a directory with {MODEL_FILE} and "
-                          f"{STATE_FILE}, a checkpoints/ folder with {LATEST}, or a run directory")
 
 
 def config_differences(saved: Any, requested: Any, prefix: str = "") -> list[str]:

@@ -31,7 +31,7 @@ from data_pipelines.atomic import atomic_write
 
 from ..tasks.base import TaskOutput
 
-__all__ = ["MetricsLog", "StepMeter", "merged_counts"]
+__all__ = ["MetricsLog", "StepMeter", "add_scalars", "merged_counts", "tensorboard"]
 
 
 class StepMeter:
@@ -221,3 +221,19 @@ def merged_counts(dicts: list[dict[str, dict[str, int]]]) -> dict[str, dict[str,
             for reason, n in reasons.items():
                 merged[reason] = merged.get(reason, 0) + n
     return out
+
+
+def tensorboard(run_dir: Path):
+    """A TensorBoard writer into ``run_dir/tensorboard`` (``train.tensorboard``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("train.tensorboard needs the tensorboard package (pip install tensorboard)") from e
+    return SummaryWriter(run_dir / "tensorboard")
+
+
+def add_scalars(writer, record: dict[str, Any]) -> None:
+    """Every number of a log line as a TensorBoard scalar at its step."""
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "step":
+            writer.add_scalar(key, value, record["step"])

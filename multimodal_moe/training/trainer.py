@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from timm.utils import ModelEmaV3
 from ..config import Config, dump_config
 from ..configurable import to_dict
 from ..distributed import init_distributed, parallelize
-from ..runtime import autocast_dtype, keep_freed_memory, rng_state, set_rng_state
+from ..runtime import autocast_dtype, keep_freed_memory, rng_state, set_rng_state, sigterm_flag
 from ..tasks import build_task
 from .checkpoint import (
     Checkpoint,
@@ -47,7 +45,7 @@ from .checkpoint import (
     step_dir_name,
     task_states,
 )
-from .metrics import MetricsLog, StepMeter, merged_counts
+from .metrics import MetricsLog, StepMeter, add_scalars, merged_counts, tensorboard
 from .optim import LRSchedule, build_optimizer
 from .run_lock import RunDirLocked, RunLock
 
@@ -67,21 +65,6 @@ class TrainingStopped(RuntimeError):
                          if checkpoint is not None else f"stopped by SIGTERM after step {step}, inside a streak of "
                          f"non-finite steps before any checkpoint: none written; start the run again")
         self.step, self.checkpoint = step, checkpoint
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-    """A list that gets an entry when SIGTERM arrives, while the block runs (the previous handler
-    is put back after; outside the main thread, where handlers cannot be set, nothing changes)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -292,10 +275,10 @@ class Trainer:
 
             bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
-        writer = self._tensorboard() if tc.tensorboard and self.env.is_main else None
+        writer = tensorboard(self.run_dir) if tc.tensorboard and self.env.is_main else None
         interval_start = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            self.sigterm = stack.enter_context(_sigterm_flag())
+            self.sigterm = stack.enter_context(sigterm_flag())
             for closable in (bar, writer):
                 if closable is not None:
                     stack.callback(closable.close)
@@ -312,9 +295,7 @@ class Trainer:
                     if self.env.is_main:
                         self.log.write(record)
                         if writer is not None:
-                            for k, v in record.items():
-                                if isinstance(v, (int, float)) and k != "step":
-                                    writer.add_scalar(k, v, self.step)
+                            add_scalars(writer, record)
                     records.append(record)
                     self.meter.reset()
                     interval_start = time.perf_counter()
@@ -349,13 +330,6 @@ class Trainer:
         summary["tokens_per_s"] *= self.env.world
         skipped = merged_counts(self.env.gather(self.data.skipped()))
         return {"step": self.step, **summary, "bad_steps": self.bad_steps, "skipped_samples": skipped}
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError("train.tensorboard needs the tensorboard package (pip install tensorboard)") from e
-        return SummaryWriter(self.run_dir / "tensorboard")
 
     # -- checkpoints -------------------------------------------------------------------------
 
