@@ -50,6 +50,8 @@ def _worker(rank: int, port: int, fn, args) -> None:
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears its group down while another still uses it
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
