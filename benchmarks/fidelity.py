@@ -74,8 +74,9 @@ def run_one(family: str, method: str, seed: int, steps: int | None, out: Path) -
     cfg = mm.load_config(preset(family, method), changes)
     run_dir = out / family / f"{method}-seed{seed}"
     done = run_dir / "fidelity.json"
-    if done.is_file() and json.loads(done.read_text())["config"] == dump_config(cfg):
-        return run_dir, {"seconds": json.loads(done.read_text())["seconds"]}
+    earlier = json.loads(done.read_text()) if done.is_file() else {}
+    if earlier.get("config") == dump_config(cfg):
+        return run_dir, {"seconds": earlier["seconds"]}
     start = time.perf_counter()
     train(cfg, run_dir, progress=False, resume=(run_dir / "checkpoints").is_dir())
     checkpoint = Checkpoint.open(run_dir)

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.paths import data_path
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, decode_json, decode_text
 from data_pipelines.streams import tar_samples
 from data_pipelines.tokenizer import Tokenizer
-from multimodal_moe.layers import MixtureOfTokensConfig
-from data_pipelines.paths import data_path
+from multimodal_moe.tasks.base import batch_multiple
 
 __all__ = ["multiple_choice", "perplexity", "read_documents", "read_documents_and_languages"]
 
@@ -49,19 +49,12 @@ def read_documents(shards: Iterable[str]) -> list[str]:
     return read_documents_and_languages(shards)[0]
 
 
-def _batch_multiple(model) -> int:
-    """The multiple of rows a batch of ``model`` needs: the group sizes of its Mixture-of-Tokens
-    layers (1 without any)."""
-    sizes = [m.cfg.group_size for m in model.modules() if isinstance(getattr(m, "cfg", None), MixtureOfTokensConfig)]
-    return math.lcm(1, *sizes)
-
-
 @torch.no_grad()
 def _token_logprobs(model, rows: list[list[int]], pad_id: int) -> list[torch.Tensor]:
     """For each row of ids, the log-probability of each of its tokens after the first. Padding
     is masked (so it takes no expert capacity and no share of a mixture of tokens), and rows of
     padding fill the batch up to a multiple of the model's Mixture-of-Tokens group size."""
-    length, multiple = max(len(r) for r in rows), _batch_multiple(model)
+    length, multiple = max(len(r) for r in rows), batch_multiple(model.cfg)
     ids = torch.full((-(-len(rows) // multiple) * multiple, length), pad_id, dtype=torch.long)
     padding = torch.ones(ids.shape, dtype=torch.bool)
     for i, r in enumerate(rows):

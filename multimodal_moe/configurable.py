@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import re
@@ -110,10 +111,7 @@ class Registry(Configurable):
     @classmethod
     def _declared(cls) -> dict[str, str]:
         """Lazy kinds by name: the entry points of the family's group, then :meth:`register_lazy`."""
-        declared = {}
-        if cls.entry_points:
-            declared = {point.name: point.value for point in importlib.metadata.entry_points(group=cls.entry_points)}
-        return declared | cls._lazy
+        return (_entry_points(cls.entry_points) if cls.entry_points else {}) | cls._lazy
 
     @classmethod
     def kind_names(cls) -> list[str]:
@@ -141,6 +139,13 @@ class Registry(Configurable):
     def kinds(cls) -> dict[str, type]:
         """Every kind's name and config class (importing the modules of lazy ones)."""
         return {kind: cls.resolve(kind) for kind in cls.kind_names()}
+
+
+@functools.cache
+def _entry_points(group: str) -> dict[str, str]:
+    """Name -> ``"module:Class"`` of the installed entry points of ``group``, read once per
+    process (the metadata of every installed distribution is scanned)."""
+    return {point.name: point.value for point in importlib.metadata.entry_points(group=group)}
 
 
 def _family(tp: Any) -> type | None:

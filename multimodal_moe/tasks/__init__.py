@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from typing import Any
 
 import torch
 
 from ..models import DecoderLMConfig, ModelConfig, build_model
-from .base import Task, TaskConfig, TaskOutput, TrainData, group_sizes
+from .base import Task, TaskConfig, TaskOutput, TrainData, batch_multiple
 
 __all__ = ["LanguageModeling", "LanguageModelingConfig", "MaskedDataModeling", "MaskedDataModelingConfig", "Task",
            "TaskConfig", "TaskOutput", "TrainData", "build_task", "data_path", "default_task"]
@@ -54,7 +53,7 @@ def default_task(model: ModelConfig) -> TaskConfig:
         if codebook_patch_size(data_path(targets.path)) != model.patch_size:
             targets = PixelTargetsConfig()
         task = MaskedDataModelingConfig(visual_targets=targets)
-    multiple = math.lcm(1, *group_sizes(model).values())
+    multiple = batch_multiple(model)
     streams = {f.name: s for f in dataclasses.fields(task) if isinstance(s := getattr(task, f.name), StreamConfig)}
     return dataclasses.replace(task, **{name: dataclasses.replace(s, batch_size=-(-s.batch_size // multiple) * multiple)
                                         for name, s in streams.items()})

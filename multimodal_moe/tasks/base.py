@@ -9,6 +9,7 @@ The trainer knows nothing else about it, so a fine-tuning task plugs into the sa
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -27,7 +28,7 @@ from ..models.beit3_weights import HeadMap  # a runtime name: the config parser 
 if TYPE_CHECKING:
     from .stream_config import TokenizerConfig
 
-__all__ = ["Task", "TaskConfig", "TaskOutput", "TrainData", "check_group_sizes", "group_sizes"]
+__all__ = ["Task", "TaskConfig", "TaskOutput", "TrainData", "batch_multiple", "check_group_sizes", "group_sizes"]
 
 
 @dataclass
@@ -68,6 +69,12 @@ def group_sizes(model: ModelConfig) -> dict[str, int]:
     """Model config field -> group size of each Mixture-of-Tokens FFN it uses."""
     return {f.name: ffn.group_size for f in fields(model)
             if isinstance(ffn := getattr(model, f.name), FFNConfig) and getattr(ffn, "group_size", None)}
+
+
+def batch_multiple(model: ModelConfig) -> int:
+    """The multiple of examples every batch of ``model`` needs: the least common multiple of its
+    Mixture-of-Tokens group sizes (1 without any)."""
+    return math.lcm(1, *group_sizes(model).values())
 
 
 def check_group_sizes(model: ModelConfig, batch_sizes: dict[str, int]) -> None:

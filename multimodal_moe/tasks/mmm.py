@@ -24,7 +24,6 @@ counts per update) before the trainer and DDP average them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from data_pipelines.text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO
 from ..configurable import ConfigError, Configurable, config
 from ..distributed.env import current
 from ..models import ModelConfig, ModelOutput, MultiwayEncoderConfig
-from .base import Task, TaskConfig, TaskOutput, check_group_sizes, group_sizes
+from .base import Task, TaskConfig, TaskOutput, batch_multiple, check_group_sizes
 from .stream_config import StreamConfig, TextStreamConfig, TokenizerConfig
 from .visual_targets import KMeansTargetsConfig, PixelTargetsConfig, VQKDTargetsConfig, VisualTargetsConfig
 
@@ -302,7 +301,7 @@ class MaskedDataModeling(Task):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        multiple = math.lcm(1, *group_sizes(self.model.cfg).values())
+        multiple = batch_multiple(self.model.cfg)
         sums = torch.zeros(len(PARTS), 3, dtype=torch.float64)  # loss x count, accuracy x count, count
         samples: dict[str, int] = {}
         for name, processor in self._processors().items():
