@@ -6,27 +6,14 @@ import json
 from pathlib import Path
 
 from multimodal_moe.config import Config
-from multimodal_moe.tasks import Task
-from multimodal_moe.training import Checkpoint, build_task
-from multimodal_moe.training.checkpoint import task_states
+from multimodal_moe.configurable import to_dict
+from multimodal_moe.training import Checkpoint
 
 from .expert_usage import record_expert_usage
 from .finetune import is_main_rank
 from .lm_eval import multiple_choice, perplexity, read_documents_and_languages
 
-__all__ = ["evaluate_checkpoint", "load_task"]
-
-
-def load_task(checkpoint: Checkpoint, cfg: Config) -> Task:
-    """``cfg``'s task with the backbone and heads of ``checkpoint`` (both strictly)."""
-    task = build_task(cfg)
-    heads = checkpoint.weights("heads.safetensors")
-    expected = set(task_states(task)[1])
-    if set(heads) != expected:
-        raise ValueError(f"{checkpoint.path} holds heads {sorted(heads) or 'none'}, the {cfg.task.kind} task needs "
-                         f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {checkpoint.path})")
-    checkpoint.load_task_weights(task)
-    return task
+__all__ = ["evaluate_checkpoint"]
 
 
 def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, progress: bool = False,
@@ -36,8 +23,9 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
     ``eval_shards``), per language too where the documents name theirs, and, given a JSONL of
     ``choices``, by zero-shot multiple choice. A model with routed experts also gets
     ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and ``plots/expert_usage.png``."""
-    task = load_task(checkpoint, cfg)
-    results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path)}
+    task = checkpoint.load_task(cfg)
+    shards = text_shards if cfg.task.kind == "lm" and text_shards else cfg.task.eval_shards
+    results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path), "eval_shards": to_dict(shards)}
     with record_expert_usage(task.model) as usage:  # over the held-out corpus: the text, the eval split
         if cfg.task.kind == "lm":
             documents, languages = read_documents_and_languages(text_shards or cfg.task.eval_shards)

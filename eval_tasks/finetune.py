@@ -1,15 +1,24 @@
 """What the image-text fine-tuning tasks share: their config fields and checks, transforms,
-and the training and evaluation streams."""
+the training and evaluation streams, and the preprocessing of inference inputs (images as
+paths, encoded bytes or PIL images; texts as strings), the same as evaluation's."""
 
 from __future__ import annotations
 
+import io
+import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
+import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from data_pipelines.images import ImageTransform, eval_transform, finetune_transform
+from data_pipelines.images import ImageTransform, decode_image, eval_transform, finetune_transform
+from data_pipelines.processors import TextProcessor
+from data_pipelines.skips import SkipSample
 from data_pipelines.paths import data_path
 from data_pipelines.streams import Processor, ShardStream, StreamLoader, derive_seed
 from multimodal_moe.configurable import ConfigError, config
@@ -18,7 +27,10 @@ from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
 from multimodal_moe.tasks.base import Task, TaskConfig
 from multimodal_moe.tasks.stream_config import SingleStream, TextStreamConfig, TokenizerConfig
 
-__all__ = ["ImageTextFinetune", "ImageTextFinetuneConfig", "gather_counts", "gather_lists", "is_main_rank"]
+__all__ = ["ImageInput", "ImageTextFinetune", "ImageTextFinetuneConfig", "gather_counts", "gather_lists",
+           "is_main_rank"]
+
+ImageInput = str | os.PathLike | bytes | Image.Image  # an image file, its encoded bytes, or a decoded image
 
 
 def gather_lists(*lists: list) -> tuple[list, ...]:
@@ -53,6 +65,7 @@ class ImageTextFinetuneConfig(TaskConfig):
 
     train: TextStreamConfig
     eval_shards: tuple[str, ...]
+    downstream: ClassVar[bool] = True
     eval_batch_size: int = 64
     tokenizer: TokenizerConfig = TokenizerConfig()
     crop_scale: tuple[float, ...] = (0.5, 1.0)
@@ -87,6 +100,45 @@ class ImageTextFinetune(Task):
 
     def processor(self, train: bool) -> Processor:
         raise NotImplementedError
+
+    # -- inference: what ``mmoe predict`` and ``mm.load_checkpoint(...)`` users call --
+
+    query: ClassVar[str] = ""  # the ``mmoe predict`` flag of the texts this task reads about an image
+
+    def pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """(B, 3, S, S) on the task's device: each image decoded (alpha on white, as training
+        does) and resized and normalised as evaluation does."""
+        transform = self.transform(False)
+        decoded = []
+        for image in images:
+            if isinstance(image, Image.Image):
+                encoded = io.BytesIO()
+                image.save(encoded, format="PNG")
+                image = encoded.getvalue()
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            try:
+                decoded.append(transform.pixels(decode_image(data)))
+            except SkipSample as e:
+                what = "the image bytes" if isinstance(image, bytes) else str(image)
+                raise ValueError(f"{what}: {e.detail or e.reason}") from None
+        return transform.normalize(torch.stack(decoded)).to(self._device())
+
+    def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_NL, padding_NL) on the task's device, each text tokenised as in training
+        (``[bos] ... [eos]``, at most ``train.max_len`` tokens; True marks padding)."""
+        try:
+            seqs = [self.tokenizer.encode_for_model(t, self.cfg.train.max_len) for t in texts]
+        except SkipSample as e:
+            raise ValueError(f"a text has no tokens or is not UTF-8: {e}") from None
+        ids_NL, padding_NL, _ = TextProcessor(self.tokenizer, self.cfg.train.max_len, None).text_batch(seqs, 0)
+        return ids_NL.to(self._device()), padding_NL.to(self._device())
+
+    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        """What ``mmoe predict`` prints for one image and its ``--<query>`` texts, one JSON object each."""
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def train_data(self, *, seed: int, num_workers: int, pin_memory: bool = False) -> SingleStream:
         return SingleStream(self.cfg.kind, self.cfg.train.loader(self.processor(True), seed=derive_seed(seed, 0),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,12 +34,14 @@ from data_pipelines.batches import RetrievalBatch
 from data_pipelines.processors import RetrievalProcessor
 from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.distributed.env import current
+from multimodal_moe.models import ModelOutput
 from multimodal_moe.models.beit3_weights import HeadMap, check_shapes
 from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.stream_config import TextStreamConfig, TokenizerConfig
 
-from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
+from .finetune import (ImageInput, ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists,
+                       is_main_rank)
 from .retrieval_metric import retrieval_recall
 
 __all__ = ["Retrieval", "RetrievalConfig", "chance_recall", "clip_loss"]
@@ -130,21 +133,44 @@ class Retrieval(ImageTextFinetune):
             nn.init.trunc_normal_(head.weight, std=0.02)
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # 1-D: FSDP2 shards no scalars
 
-    def encode_images(self, images_B3HW: torch.Tensor):
+    def image_features(self, images_B3HW: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+        """Unit-length image embeddings (B, E) in fp32, and the encoder's output."""
         out = self.model(images=images_B3HW)
         return F.normalize(self.vision_head(out.hidden[:, 0]).float(), dim=-1), out
 
-    def encode_texts(self, ids_NL: torch.Tensor, padding_NL: torch.Tensor):
+    def text_features(self, ids_NL: torch.Tensor, padding_NL: torch.Tensor) -> tuple[torch.Tensor, ModelOutput]:
+        """Unit-length text embeddings (N, E) in fp32, and the encoder's output."""
         out = self.model(text_ids=ids_NL, text_padding_mask=padding_NL)
         return F.normalize(self.language_head(out.hidden[:, 0]).float(), dim=-1), out
+
+    query: ClassVar[str] = "captions"
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Unit-length embeddings (B, E) of images (paths, encoded bytes or PIL images)."""
+        return self.image_features(self.pixels(images))[0]
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length embeddings (N, E) of texts; ``encode_image(x) @ encode_text(t).T`` is the
+        cosine similarity retrieval ranks by."""
+        return self.text_features(*self.token_ids(texts))[0]
+
+    def rank(self, image: ImageInput, captions: Sequence[str]) -> list[tuple[str, float]]:
+        """``captions`` with their cosine similarity to ``image``, most similar first."""
+        similarity = (self.encode_image([image]) @ self.encode_text(captions).t())[0].tolist()
+        return sorted(((c, round(s, 4)) for c, s in zip(captions, similarity)), key=lambda cs: -cs[1])
+
+    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        return [{"rank": r, "caption": c, "score": s} for r, (c, s) in enumerate(self.rank(image, texts)[:top_k], 1)]
 
     def forward(self, batch: RetrievalBatch) -> TaskOutput:
         if batch.caption_image_N.shape[0] != len(batch):  # a shape: no host sync
             raise ValueError(f"training batches pair each image with one caption (RetrievalProcessor("
                              f"all_captions=False)); got {batch.caption_image_N.shape[0]} captions for {len(batch)} "
                              f"images")
-        image_BE, image_out = self.encode_images(batch.images_B3HW)
-        text_BE, text_out = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
+        image_BE, image_out = self.image_features(batch.images_B3HW)
+        text_BE, text_out = self.text_features(batch.text_ids_NL, batch.padding_mask_NL)
         loss = clip_loss(image_BE, text_BE, self.logit_scale)
         aux = image_out.aux_loss + text_out.aux_loss
         with torch.no_grad():
@@ -168,8 +194,8 @@ class Retrieval(ImageTextFinetune):
         image_ids, image_rows, caption_owners, text_rows, skipped = [], [], [], [], Counter()
         for batch in self.eval_batches(num_workers, skipped, progress):
             batch = batch.to(device)
-            image_BE, _ = self.encode_images(batch.images_B3HW)
-            text_NE, _ = self.encode_texts(batch.text_ids_NL, batch.padding_mask_NL)
+            image_BE, _ = self.image_features(batch.images_B3HW)
+            text_NE, _ = self.text_features(batch.text_ids_NL, batch.padding_mask_NL)
             image_ids += batch.image_ids
             image_rows += list(image_BE.cpu())
             caption_owners += [batch.image_ids[b] for b in batch.caption_image_N.tolist()]

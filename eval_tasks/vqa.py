@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,7 +47,8 @@ from multimodal_moe.plots import figure
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.stream_config import TextStreamConfig, TokenizerConfig
 
-from .finetune import ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
+from .finetune import (ImageInput, ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists,
+                       is_main_rank)
 from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
 __all__ = ["VQA", "VQAConfig", "answer_vocab", "build_answer_vocab", "read_answers"]
@@ -201,8 +203,34 @@ class VQA(ImageTextFinetune):
 
     def logits(self, batch: VQABatch) -> tuple[torch.Tensor, ModelOutput]:
         """Answer scores (B, A) in fp32, and the encoder's output (for its MoE losses and stats)."""
-        out = self.model(images=batch.images_B3HW, text_ids=batch.text_ids_BL, text_padding_mask=batch.padding_mask_BL)
+        return self.answer_logits(batch.images_B3HW, batch.text_ids_BL, batch.padding_mask_BL)
+
+    def answer_logits(self, images_B3HW: torch.Tensor, ids_BL: torch.Tensor, padding_BL: torch.Tensor
+                      ) -> tuple[torch.Tensor, ModelOutput]:
+        """:meth:`logits` of tensors: images and their questions' token ids and padding."""
+        out = self.model(images=images_B3HW, text_ids=ids_BL, text_padding_mask=padding_BL)
         return self.head(self.pooler(out.hidden[:, 0])).float(), out
+
+    query: ClassVar[str] = "question"
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[ImageInput], questions: Sequence[str], *, top_k: int = 1
+                ) -> list[list[tuple[str, float]]]:
+        """Each question's ``top_k`` answers with their probabilities (the sigmoid of the
+        logits, as trained with BCE), best first. ``images``: one per question, or one for all."""
+        if len(images) == 1:
+            images = list(images) * len(questions)
+        if len(images) != len(questions) or not questions or top_k < 1:
+            raise ValueError(f"give one image per question, or one image for all, and top_k >= 1; got "
+                             f"{len(images)} images, {len(questions)} questions, top_k {top_k}")
+        logits_BA, _ = self.answer_logits(self.pixels(images), *self.token_ids(questions))
+        scores, indices = logits_BA.sigmoid().topk(min(top_k, len(self.answers)), dim=1)
+        return [[(self.answers[i], round(p, 4)) for i, p in zip(row_i, row_p)]
+                for row_i, row_p in zip(indices.tolist(), scores.tolist())]
+
+    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        return [{"question": q, "answers": [{"answer": a, "score": p} for a, p in best]}
+                for q, best in zip(texts, self.predict([image], texts, top_k=top_k))]
 
     def forward(self, batch: VQABatch) -> TaskOutput:
         logits_BA, out = self.logits(batch)

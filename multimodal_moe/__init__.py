@@ -15,6 +15,7 @@ Public API (stable)::
     out = model(images=x_BCHW, text_ids=ids_BL, text_padding_mask=pad_BL)         # any subset
     out.hidden, out.aux_loss, out.moe_stats
     model = mm.load_checkpoint("runs/x/checkpoints/latest")                       # eval mode
+    vqa = mm.load_checkpoint("runs/vqa"); vqa.predict(["x.jpg"], ["what is it?"])   # a fine-tuned task
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ __version__ = "0.1.0"
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The backbone saved in a checkpoint (a ``step_*`` dir, ``checkpoints/latest`` or a run
-    dir), built from the config saved with it, in eval mode; ``model.cfg`` is its model config.
+    """What a checkpoint (a ``step_*`` dir, ``checkpoints/latest`` or a run dir) holds, built from
+    the config saved with it, in eval mode:
+
+    - a fine-tuned downstream task (VQA, retrieval): the task, its backbone (``.model``) and
+      heads, with its inference methods (``vqa.predict(images, questions)``,
+      ``retrieval.encode_image(images)`` / ``.encode_text(texts)`` / ``.rank(image, captions)``)
+      and the preprocessing it was trained with;
+    - any other (pretraining, LM): the backbone; ``model.cfg`` is its model config.
 
     Raises:
         multimodal_moe.training.CheckpointError: the path is not a checkpoint, or a file of it
@@ -46,6 +53,9 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     from .training.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(path)
-    model = build_model(checkpoint.config)
+    cfg = checkpoint.config
+    if cfg.task is not None and type(cfg.task).downstream:
+        return checkpoint.load_task(cfg).to(device).eval()
+    model = build_model(cfg)
     checkpoint.load_model_into(model)
     return model.to(device).eval()

@@ -3,6 +3,7 @@
     mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume] [--init CKPT]   train a task
     mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
     mmoe evaluate --checkpoint CKPT               results.json and plots of a fine-tuned checkpoint
+    mmoe predict --checkpoint CKPT --image X      answers (--question Q) or a caption ranking (--captions ...)
     mmoe demo [--run-dir DIR]                     pretrain -> fine-tune VQA, retrieval -> evaluate
     mmoe convert beit3 --src FILE --dst DIR       official BEiT-3 checkpoints in (and out: --to torchscale|unilm)
     mmoe convert mot-to-topk RUN --dst DIR        Mixture of Tokens -> top-k MoE (transition tuning)
@@ -169,14 +170,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .training import Checkpoint
 
     checkpoint = Checkpoint.open(args.checkpoint)
-    cfg = checkpoint.config
-    if args.config is not None:
-        requested = load_config(args.config, args.set)
-        cfg = dataclasses.replace(requested, model=cfg.model, task=requested.task.with_heads_of(cfg.task))
+    if args.config is None:  # the checkpoint's own config, --set on top
+        cfg = checkpoint.config_with(args.set)
+    else:
+        saved, requested = checkpoint.config, load_config(args.config, args.set)
+        cfg = dataclasses.replace(requested, model=saved.model, task=requested.task.with_heads_of(saved.task))
     out_dir = Path(args.out) if args.out else checkpoint.path.parent.parent
     results = evaluate_checkpoint(checkpoint, cfg, out_dir, progress=not args.no_progress,
                                   text_shards=args.text_shards, choices=args.choices)
     print(f"evaluation: {_summary(results)}; {out_dir / 'results.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import load_checkpoint
+
+    task = load_checkpoint(args.checkpoint, device=args.device)
+    query = getattr(task, "query", "")
+    if not query:
+        raise ValueError(f"{args.checkpoint} holds a {type(task).__name__} backbone, not a fine-tuned task; "
+                         f"predict takes a VQA or retrieval checkpoint (mmoe finetune writes one)")
+    other = {"question": "captions", "captions": "question"}[query]
+    if getattr(args, other) or not getattr(args, query):
+        raise ValueError(f"a {task.cfg.kind} checkpoint takes --{query}, not --{other}")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    for line in task.describe(args.image, getattr(args, query), args.top_k):
+        print(json.dumps(line, ensure_ascii=False))
     return 0
 
 
@@ -292,6 +312,16 @@ def parser() -> argparse.ArgumentParser:
                           help='LM: a JSONL of {"context", "choices", "label"} for zero-shot multiple choice')
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="answer questions about an image (VQA) or rank captions for it "
+                                             "(retrieval) with a fine-tuned checkpoint; one JSON line each")
+    predict.add_argument("--checkpoint", required=True, help="a fine-tuned VQA or retrieval run or checkpoint")
+    predict.add_argument("--image", required=True, help="an image file (JPEG, PNG, WebP, GIF, BMP or TIFF)")
+    predict.add_argument("--question", action="append", default=[], help="VQA: a question (repeatable)")
+    predict.add_argument("--captions", nargs="+", default=[], help="retrieval: the captions to rank")
+    predict.add_argument("--top-k", type=int, default=5, help="answers per question / captions shown")
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(run=cmd_predict)
 
     demo = sub.add_parser("demo", help="pretrain -> fine-tune VQA and retrieval -> evaluate, on the bundled data")
     demo.add_argument("--run-dir", default=None, help="output folder (default: runs/demo-<time>)")

@@ -188,12 +188,13 @@ def resolve_preset(path: str | Path) -> Path:
                             f"presets: {', '.join(list_presets())}")
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_trees(base: dict, update: dict) -> dict:
+    """``update`` on top of ``base``, recursively (a mapping of another ``kind`` replaces the old one)."""
     out = dict(base)
     for key, value in update.items():
         old = out.get(key)
         if isinstance(old, dict) and isinstance(value, dict) and value.get("kind", old.get("kind")) == old.get("kind"):
-            out[key] = _merge(old, value)
+            out[key] = merge_trees(old, value)
         else:
             out[key] = value
     return out
@@ -215,7 +216,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     parent_path = path.parent / parent
     if not parent_path.is_file():
         raise ConfigError("extends", f"{parent!r} (from {path}) does not exist")
-    return _merge(_read_tree(parent_path, (*seen, path)), data)
+    return merge_trees(_read_tree(parent_path, (*seen, path)), data)
 
 
 def overrides_tree(overrides: Iterable[str]) -> dict:
@@ -248,10 +249,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
             key, a wrong type or an invalid value.
     """
     files, overrides = _read_tree(resolve_preset(path)), overrides_tree(overrides)
-    tree = _merge(files, overrides)
+    tree = merge_trees(files, overrides)
     if "task" not in files and isinstance(overrides.get("task", {}), dict):  # the default task, task.* on top
         model = parse(Config, {k: v for k, v in tree.items() if k not in ("task", "train")}).model
-        tree["task"] = _merge(to_dict(default_task(model)), overrides.get("task", {}))
+        tree["task"] = merge_trees(to_dict(default_task(model)), overrides.get("task", {}))
     return parse(Config, tree)
 
 

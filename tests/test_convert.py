@@ -19,7 +19,6 @@ from torch import nn
 
 import multimodal_moe as mm
 from eval_tasks.beit3_convert import ConversionError, from_beit3, to_beit3
-from eval_tasks.evaluate import load_task
 from eval_tasks.vqa import read_answers
 from multimodal_moe.cli import main
 from multimodal_moe.configurable import to_dict
@@ -173,7 +172,7 @@ def test_unilm_vqa_checkpoint_converts_with_its_head(tmp_path):
     assert to_dict(Checkpoint.open(tmp_path / "default").config.task.tokenizer) == {"path": "beit3.spm",
                                                                                      "layout": "xlmr"}
     assert any("evaluating needs it there" in n for n in default.notes)
-    task = load_task(checkpoint, checkpoint.config).eval()
+    task = checkpoint.load_task().eval()
     images, ids, padding, _ = inputs(overrides)
     with torch.no_grad():
         expected = head(pooler(backbone(textual_tokens=ids, visual_tokens=images,
@@ -215,14 +214,14 @@ def test_unilm_retrieval_checkpoint_converts_with_its_heads(tmp_path):
     assert report.task == "retrieval"
     assert report.not_converted == {"imagenet": ["fc_norm.bias", "fc_norm.weight"]}
     checkpoint = Checkpoint.open(tmp_path / "ours")
-    task = load_task(checkpoint, checkpoint.config).eval()
+    task = checkpoint.load_task().eval()
     images, ids, padding, _ = inputs(overrides)
     with torch.no_grad():
         image_expected = F.normalize(vision_head(backbone(visual_tokens=images)["encoder_out"][:, 0]), dim=-1)
         text_expected = F.normalize(language_head(backbone(textual_tokens=ids, text_padding_position=padding)
                                                   ["encoder_out"][:, 0]), dim=-1)
-        image_got, _ = task.encode_images(images)
-        text_got, _ = task.encode_texts(ids, padding)
+        image_got, _ = task.image_features(images)
+        text_got, _ = task.text_features(ids, padding)
     assert (image_got - image_expected).abs().max() <= 1e-5
     assert (text_got - text_expected).abs().max() <= 1e-5
     assert task.logit_scale.item() == logit_scale.item()

@@ -73,7 +73,7 @@ def test_vqa_finetune_writes_results(tmp_path, capsys, pretrain_preset):
         from multimodal_moe.training import Trainer
 
         pretrained = mm.load_checkpoint(tmp_path / "pre")
-        assert mm.load_checkpoint(run).cfg == pretrained.cfg  # the model came from the checkpoint
+        assert mm.load_checkpoint(run).model.cfg == pretrained.cfg  # the model came from the checkpoint
         cfg = mm.load_config("finetune/vqa_debug", ["train.num_workers=0"])
         start = Trainer(mm.Config(model=pretrained.cfg, task=cfg.task, train=cfg.train), tmp_path / "start",
                         progress=False, init=tmp_path / "pre").task.model.state_dict()
@@ -82,7 +82,14 @@ def test_vqa_finetune_writes_results(tmp_path, capsys, pretrain_preset):
     # evaluate again from the checkpoint alone: the same numbers
     assert main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
-    assert again["vqa_accuracy"] == results["vqa_accuracy"]
+    assert again["vqa_accuracy"] == results["vqa_accuracy"] and again["eval_shards"] == ["bundled:vqa/val"]
+    # --set applies to the checkpoint's own config: another split is scored, and says so
+    assert main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "train"), "--no-progress",
+                 "--set", "task.eval_shards=[bundled:vqa/train]"]) == 0
+    on_train = json.loads((tmp_path / "train" / "results.json").read_text())
+    assert on_train["eval_shards"] == ["bundled:vqa/train"] and on_train["questions"] != results["questions"]
+    assert main(["evaluate", "--checkpoint", str(run), "--set", "task.eval_shard=[x]"]) == 2
+    assert "task.eval_shard" in capsys.readouterr().err
     # the checkpoint holds its head's answer list: a config whose training shards would give
     # another vocabulary (here the held-out split's) still scores with the checkpoint's
     from multimodal_moe.training import Checkpoint
@@ -259,7 +266,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert demo["vqa"]["questions"] == 472 and demo["retrieval"]["captions"] == 849
     for stage in ("pretrain", "vqa", "retrieval"):
         assert (tmp_path / stage / "checkpoints" / "latest" / "model.safetensors").is_file()
-    assert mm.load_checkpoint(tmp_path / "vqa").cfg == mm.load_checkpoint(tmp_path / "pretrain").cfg
+    assert mm.load_checkpoint(tmp_path / "vqa").model.cfg == mm.load_checkpoint(tmp_path / "pretrain").cfg
 
 
 def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runtime_fields_from_its_config(
@@ -292,4 +299,12 @@ def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runt
 def test_a_tokenizer_with_more_ids_than_the_embedding_is_a_config_error(preset):
     cfg = mm.load_config(preset, ["model.vocab_size=1000"])
     with pytest.raises(mm.ConfigError, match="has 4096 ids but the model's text embedding only 1000 rows"):
+        build_task(cfg)
+
+
+@pytest.mark.parametrize("preset", ["finetune/vqa_debug", "beit3/debug", "lm/debug"])
+def test_a_tokenizer_with_fewer_ids_than_the_embedding_is_named_before_training(preset):
+    cfg = mm.load_config(preset, ["model.vocab_size=5000"])
+    with pytest.warns(UserWarning, match=r"4096 ids but the model's text embedding 5000 rows: rows 4096\.\.4999 "
+                                         r"are never used; set model.vocab_size=4096"):
         build_task(cfg)

@@ -115,7 +115,7 @@ def test_a_fresh_process_loads_every_task_kind_and_a_fine_tuned_checkpoint(tmp_p
         "import multimodal_moe as mm\n"
         "print(*(mm.load_config(f'configs/{name}.yaml').task.kind for name in mm.list_presets()))\n"
         f"model = mm.load_checkpoint({str(tmp_path / 'vqa')!r})\n"
-        "print(type(model).__name__, model.training)\n")
+        "print(type(model).__name__, type(model.model).__name__, model.training)\n")
     kinds, model = out.splitlines()
     assert kinds.split() == [mm.load_config(name).task.kind for name in mm.list_presets()]
-    assert {"lm", "mmm", "vqa", "retrieval"} <= set(kinds.split()) and model == "MultiwayEncoder False"
+    assert {"lm", "mmm", "vqa", "retrieval"} <= set(kinds.split()) and model == "VQA MultiwayEncoder False"

@@ -3,6 +3,8 @@ loaders: the config side of :mod:`data_pipelines.streams`, which reads the shard
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Literal
 
 from data_pipelines.paths import data_path
@@ -83,7 +85,7 @@ class TokenizerConfig(Configurable):
 
     def load(self, vocab_size: int | None = None) -> Tokenizer:
         """The tokenizer; with ``vocab_size`` (the model's text embedding rows), a config error
-        unless every id it produces has a row."""
+        unless every id it produces has a row, and a warning naming the rows it never produces."""
         path = data_path(self.path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer {self.path!r} not found (looked at {path})")
@@ -93,6 +95,11 @@ class TokenizerConfig(Configurable):
                                            f"embedding only {vocab_size} rows; use the model's own tokenizer (for "
                                            f"converted BEiT-3 weights, beit3.spm with layout xlmr) or raise "
                                            f"model.vocab_size")
+        if vocab_size is not None and tokenizer.vocab_size < vocab_size:
+            warnings.warn(f"{self.path} has {tokenizer.vocab_size} ids but the model's text embedding "
+                          f"{vocab_size} rows: rows {tokenizer.vocab_size}..{vocab_size - 1} are never used; set "
+                          f"model.vocab_size={tokenizer.vocab_size} unless the tokenizer is meant to grow",
+                          stacklevel=2)
         return tokenizer
 
 

@@ -19,6 +19,7 @@ import pickle
 import re
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import Config, dump_config
+from ..config import Config, dump_config, merge_trees, overrides_tree
 from ..configurable import ConfigError, parse, to_dict
 from ..state_dicts import compare_state
 from .checkpoint_layout import (
@@ -269,11 +270,21 @@ class Checkpoint:
 
     @property
     def config(self) -> Config:
+        return self.config_with(())
+
+    def config_with(self, overrides: Iterable[str]) -> Config:
+        """The config the checkpoint was written with, ``key=value`` overrides (``--set``) on top.
+
+        Raises:
+            CheckpointError: the saved config is unreadable.
+            ConfigError: an override names an unknown key or a bad value.
+        """
         self.verify(CONFIG_FILE)
         try:
-            return parse(Config, yaml.safe_load((self.path / CONFIG_FILE).read_text()))
+            saved = to_dict(parse(Config, yaml.safe_load((self.path / CONFIG_FILE).read_text())))
         except (yaml.YAMLError, ConfigError) as e:
             raise CheckpointError(f"{self.path / CONFIG_FILE} is not a valid run config: {e}") from None
+        return parse(Config, merge_trees(saved, overrides_tree(overrides)))
 
     @property
     def sharded(self) -> Path | None:
@@ -340,6 +351,25 @@ class Checkpoint:
         heads = self.weights(HEADS_FILE)
         load_weights(task, {**{f"model.{k}": v for k, v in self.weights(MODEL_FILE).items()}, **heads},
                      str(self.path))
+
+    def load_task(self, cfg: Config | None = None) -> nn.Module:
+        """The task of ``cfg`` (default: the checkpoint's own config) with this checkpoint's
+        backbone and heads, both loaded strictly.
+
+        Raises:
+            ValueError: the checkpoint holds no heads of that task (e.g. a pretraining
+                checkpoint evaluated as VQA), with the ones it has and the ones needed.
+        """
+        from ..tasks import build_task
+
+        cfg = self.config if cfg is None else cfg
+        task = build_task(cfg)
+        heads, expected = self.weights(HEADS_FILE), set(task_states(task)[1])
+        if set(heads) != expected:
+            raise ValueError(f"{self.path} holds heads {sorted(heads) or 'none'}, the {cfg.task.kind} task needs "
+                             f"{sorted(expected)}; fine-tune it first (mmoe finetune --init {self.path})")
+        self.load_task_weights(task)
+        return task
 
     def training_state(self) -> dict[str, Any]:
         return self._read(torch.load, STATE_FILE, weights_only=True, map_location="cpu")
