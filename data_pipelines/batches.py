@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Batch", "ImageBatch", "ImageTextBatch", "LMBatch", "RetrievalBatch", "TextBatch", "VQABatch", "pinned"]
+__all__ = ["Batch", "ClassificationBatch", "ImageBatch", "ImageTextBatch", "LMBatch", "RetrievalBatch", "TextBatch",
+           "VQABatch", "pinned"]
 
 
 def pinned(t: torch.Tensor) -> torch.Tensor:
@@ -72,14 +73,17 @@ class ImageTextBatch(Batch):
 
 @dataclasses.dataclass(kw_only=True)
 class VQABatch(Batch):
-    """Image + question; the raw answers (10 per question) and, given an answer vocabulary, the
-    soft-score targets ``targets_BA``."""
+    """Image + question, one row per question (the rows of one image's questions hold the same
+    image); the raw answers (10 per question, none in a label-free split), the question and
+    answer types ("" where the data has none) and, given an answer vocabulary, the soft-score
+    targets ``targets_BA``. ``question_ids`` are as the data has them: integers or strings."""
     images_B3HW: torch.Tensor
     text_ids_BL: torch.Tensor
     padding_mask_BL: torch.Tensor
-    question_ids: list[str]
+    question_ids: list[int | str]
     question_types: list[str]
     answers: list[list[str]]
+    answer_types: list[str] = dataclasses.field(default_factory=list)
     targets_BA: torch.Tensor | None = None
 
 
@@ -102,3 +106,12 @@ class LMBatch(Batch):
 
     def __len__(self) -> int:
         return self.ids_BT.shape[0]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClassificationBatch(Batch):
+    """Images and their class indices ``labels_B``; in training, the soft targets ``targets_BC``
+    the loss reads (label smoothing, Mixup / CutMix: the images are mixed to match)."""
+    images_B3HW: torch.Tensor
+    labels_B: torch.Tensor
+    targets_BC: torch.Tensor | None = None

@@ -2,9 +2,11 @@
 
 Each processor is called as ``processor(sample, seed)`` on one sample (raising
 :class:`~data_pipelines.skips.SkipSample` for bad input) and ``processor.collate(items, seed)``
-on a batch's items. All randomness (augmentation, block masks, MLM masking, caption choice)
-derives from the seed it is given, so a sample's result never depends on what came before it
-(which is what lets a stream resume exactly; see ``data_pipelines.streams``).
+on a batch's items; a processor with a ``batcher`` groups items itself (the LM's packs documents
+into rows, VQA's splits an image's questions across batches). All randomness (augmentation,
+block masks, MLM masking, caption choice) derives from the seed it is given, so a sample's result
+never depends on what came before it (which is what lets a stream resume exactly; see
+``data_pipelines.streams``).
 """
 
 from __future__ import annotations
@@ -16,23 +18,26 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .batches import ImageBatch, ImageTextBatch, LMBatch, RetrievalBatch, TextBatch, VQABatch
+from .batches import ClassificationBatch, ImageBatch, ImageTextBatch, LMBatch, RetrievalBatch, TextBatch, VQABatch
 from .images import ImageTransform, decode_image, eval_transform
 from .masking import BlockMaskGenerator
 from .shards import IMAGE_FIELDS
 from .skips import ID, TEXT, TEXTS, SkipSample, decode_record, decode_text
+from .streams import derive_seed
 from .text import IMAGE_TEXT_MASK_RATIO, TEXT_MASK_RATIO, TokenPacker, mask_tokens
 from .tokenizer import Tokenizer
 
-__all__ = ["RETRIEVAL_RECORD", "VQA_RECORD", "ImageProcessor", "ImageTextProcessor", "LMProcessor",
-           "RetrievalProcessor", "TextProcessor", "VQAProcessor", "checking_processor", "read_vqa_record",
-           "vqa_soft_score"]
+__all__ = ["RETRIEVAL_RECORD", "VQA_QUESTION", "ClassificationProcessor", "ImageProcessor", "ImageTextProcessor",
+           "LMProcessor", "QuestionBatcher", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
+           "checking_processor", "read_vqa_questions", "vqa_soft_score"]
 
 def _field(sample: dict, *names: str) -> bytes:
     for name in names:
         if name in sample:
             return sample[name]
-    raise SkipSample("missing_field", f"needs {' or '.join(names)}, has {sorted(k for k in sample if k[0] != '_')}")
+    expected = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    fields = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "no field"
+    raise SkipSample("missing_field", f"expected {expected}; the sample has {fields}")
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,39 +136,119 @@ def vqa_soft_score(matches: int) -> float:
     return (0.0, 0.3, 0.6, 0.9)[matches] if matches < 4 else 1.0
 
 
-VQA_RECORD = {"question_id": ID, "question": TEXT, "answers": TEXTS}  # "answers": [] in a test split
+def _question_id(value) -> int | str:
+    """A question id as the JSON has it: an integer stays one (EvalAI's submissions need VQAv2's
+    integer ids back), a string stays a string."""
+    ID(value)
+    return value
+
+
+VQA_QUESTION = {"question_id": _question_id, "question": TEXT, "answers": TEXTS}  # "answers": [] when label-free
+VQA_QUESTION_OPTIONAL = {"question_type": TEXT, "answer_type": TEXT}
 RETRIEVAL_RECORD = {"image_id": ID, "captions": TEXTS}
 
 
-def read_vqa_record(sample: dict) -> dict:
-    """A VQA sample's ``json`` (:data:`VQA_RECORD`, optional ``question_type``), or
-    :class:`SkipSample`: what both training and the answer vocabulary read of it."""
-    return decode_record(_field(sample, "json"), VQA_RECORD, {"question_type": TEXT})
+def _question(value) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"a list of question objects, one is a {type(value).__name__}")
+    question = {}
+    for key, kind in (*VQA_QUESTION.items(), *VQA_QUESTION_OPTIONAL.items()):
+        if value.get(key) is None:
+            if key in VQA_QUESTION:
+                raise TypeError(f"questions with {key!r}; one has only {sorted(value)}")
+            continue
+        try:
+            question[key] = kind(value[key])
+        except TypeError as e:
+            raise TypeError(f"questions whose {key!r} is {e}") from None
+    return question
+
+
+def _questions(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"a non-empty list of questions, got {type(value).__name__} {str(value)[:40]}")
+    return [_question(q) for q in value]
+
+
+def read_vqa_questions(sample: dict) -> list[dict]:
+    """The questions of a VQA sample (:data:`VQA_QUESTION` each, optional ``question_type`` and
+    ``answer_type``), in either layout of its ``json``: an image's ``{"image_id", "questions": [...]}``,
+    or one question's record (the bundled shards' layout). :class:`SkipSample` if the json, or
+    any of its questions, is malformed: what training, evaluation and the answer vocabulary read."""
+    record = decode_record(_field(sample, "json"), {},
+                           {"questions": _questions, **VQA_QUESTION, **VQA_QUESTION_OPTIONAL})
+    if "questions" in record:
+        return record["questions"]
+    missing = [k for k in VQA_QUESTION if k not in record]
+    if missing:
+        raise SkipSample("bad_json", f"missing {missing} (a question's record) or 'questions' (an image's)")
+    return [record]
+
+
+class QuestionBatcher:
+    """Batches of ``batch_size`` questions from samples that each hold an image's questions (the
+    processor's item is a list, one entry per question), with the interface of
+    :class:`~data_pipelines.text.TokenPacker`: ``add(index, questions)`` returns the batches they
+    complete, each with ``(index, offset)``, the sample the next batch starts in and how many of
+    its questions came before; a batcher created with ``skip=offset``, fed from that sample on,
+    continues exactly. ``rest()``: the questions of an unfinished batch (evaluation's last one)."""
+
+    def __init__(self, batch_size: int, skip: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; a batch needs batch_size >= 1")
+        self.batch_size, self.skip, self.items = batch_size, skip, []
+
+    def add(self, index: int, questions: list) -> list[tuple[list, int, int]]:
+        start, self.skip = self.skip, 0
+        batches = []
+        for q in range(start, len(questions)):
+            self.items.append(questions[q])
+            if len(self.items) == self.batch_size:
+                full, self.items = self.items, []
+                batches.append((full, index, q + 1) if q + 1 < len(questions) else (full, index + 1, 0))
+        return batches
+
+    def rest(self) -> list:
+        return self.items
 
 
 @dataclasses.dataclass
 class VQAProcessor:
-    """Image + question; with ``answer_vocab`` (normalised answer -> index) also the soft-score
-    targets, answers normalised by ``normalize_answer`` before lookup."""
+    """An image and its questions: a sample becomes one item per question (batched by
+    :meth:`batcher`, which splits an image's questions across batches and resumes inside one).
+    With ``answer_vocab`` (normalised answer -> index) also the soft-score targets, answers
+    normalised by ``normalize_answer`` before lookup. ``view_per_question``: each question sees
+    its own draw of the (random) transform, as when each question was a sample (training); else
+    one view of the image serves all its questions (evaluation)."""
     tokenizer: Tokenizer
     transform: ImageTransform
     max_len: int = 64
     answer_vocab: dict[str, int] | None = None
     normalize_answer: Callable[[str], str] = str.strip
     max_pixels: int = 64_000_000
+    view_per_question: bool = False
 
     def __post_init__(self):
         self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
 
-    def __call__(self, sample: dict, seed: int) -> tuple:
-        record = read_vqa_record(sample)
-        ids = self.tokenizer.encode_for_model(record["question"], self.max_len)
-        x_3HW, _ = self._image.image(sample, seed)
-        return (sample["__key__"], x_3HW, ids, record["question_id"], record.get("question_type", ""),
-                record["answers"])
+    def __call__(self, sample: dict, seed: int) -> list[tuple]:
+        questions = read_vqa_questions(sample)
+        seqs = [self.tokenizer.encode_for_model(q["question"], self.max_len) for q in questions]  # cheap, fails fast
+        if self.view_per_question and len(questions) > 1:
+            image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
+            # question 0 keeps the sample's seed: a one-question sample is augmented as it always was
+            views = [self.transform.pixels(image, random.Random(seed if q == 0 else derive_seed(seed, q)))
+                     for q in range(len(questions))]
+        else:
+            views = [self._image.image(sample, seed)[0]] * len(questions)
+        return [(sample["__key__"], x_3HW, ids, q["question_id"], q.get("question_type", ""), q.get("answer_type", ""),
+                 q["answers"]) for q, ids, x_3HW in zip(questions, seqs, views)]
+
+    def batcher(self, batch_size: int, skip: int) -> QuestionBatcher:
+        return QuestionBatcher(batch_size, skip)
 
     def collate(self, items: list, seed: int) -> VQABatch:
-        keys, images, seqs, qids, qtypes, answers = zip(*items)
+        keys, images, seqs, qids, qtypes, atypes, answers = zip(*items)
         ids_BL, padding_BL = _pad(seqs, self.tokenizer.pad_id)
         targets_BA = None
         if self.answer_vocab is not None:
@@ -175,8 +260,7 @@ class VQAProcessor:
                         targets_BA[b, self.answer_vocab[answer]] = vqa_soft_score(normalised.count(answer))
         return VQABatch(keys=list(keys), images_B3HW=self._image.stack(images), text_ids_BL=ids_BL,
                         padding_mask_BL=padding_BL, question_ids=list(qids), question_types=list(qtypes),
-                        answers=[list(a) for a in answers],
-                        targets_BA=targets_BA)
+                        answer_types=list(atypes), answers=[list(a) for a in answers], targets_BA=targets_BA)
 
 
 @dataclasses.dataclass
@@ -212,6 +296,59 @@ class RetrievalProcessor:
                               text_ids_NL=ids_NL, padding_mask_NL=padding_NL, caption_image_N=owner_N)
 
 
+def _class_index(value: bytes, classes: int | None) -> int:
+    text = value.decode("ascii", "replace").strip()
+    if not text.isdigit() or (classes is not None and int(text) >= classes):
+        expected = "a class index" if classes is None else f"a class index 0..{classes - 1}"
+        raise SkipSample("missing_field", f"cls must be {expected}, got {text[:20]!r}")
+    return int(text)
+
+
+@dataclasses.dataclass
+class ClassificationProcessor:
+    """An image and its class: the ``json`` field's ``label`` (a class name, looked up in
+    ``classes``) or else the ``cls`` field (the class index as ASCII digits, webdataset's
+    convention); the name decides when there is one (a writer's ``cls`` indexes the classes of
+    what it wrote, and a validation folder may have fewer). ``classes``: the class names in head
+    order (None: any name or index is accepted, as ``mmoe data inspect`` checks shards). ``batch_augment``:
+    ``(images_B3HW, labels_B, seed) -> (images_B3HW, targets_BC)``, what training does to a whole
+    batch (Mixup / CutMix, label smoothing), seeded by the batch's seed."""
+    transform: ImageTransform
+    classes: Sequence[str] | None = None
+    batch_augment: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    max_pixels: int = 64_000_000
+
+    def __post_init__(self):
+        self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
+        self._index = None if self.classes is None else {c: i for i, c in enumerate(self.classes)}
+
+    def label(self, sample: dict) -> int:
+        """The sample's class index (:class:`SkipSample` if it has none that fits)."""
+        if "json" not in sample and "cls" not in sample:
+            _field(sample, "cls", "json")
+        count = None if self.classes is None else len(self.classes)
+        if "json" not in sample:
+            return _class_index(sample["cls"], count)
+        name = decode_record(sample["json"], {"label": TEXT})["label"]
+        if self._index is None:
+            return -1  # a name without a class list: inspection only
+        if name not in self._index:
+            raise SkipSample("bad_json", f"label {name[:40]!r} is not one of the {count} classes")
+        return self._index[name]
+
+    def __call__(self, sample: dict, seed: int) -> tuple:
+        label = self.label(sample)  # cheap, fails fast
+        return sample["__key__"], self._image.image(sample, seed)[0], label
+
+    def collate(self, items: list, seed: int) -> ClassificationBatch:
+        keys, images, labels = zip(*items)
+        images_B3HW, labels_B = self._image.stack(images), torch.tensor(labels)
+        targets_BC = None
+        if self.batch_augment is not None:
+            images_B3HW, targets_BC = self.batch_augment(images_B3HW, labels_B, seed)
+        return ClassificationBatch(keys=list(keys), images_B3HW=images_B3HW, labels_B=labels_B, targets_BC=targets_BC)
+
+
 @dataclasses.dataclass
 class LMProcessor:
     """Text documents for the causal LM: each tokenised and closed with eos, then packed across
@@ -244,7 +381,15 @@ def checking_processor(kind: str, tokenizer: Tokenizer, max_pixels: int = 64_000
                                                  TextProcessor(tokenizer, mlm_ratio=None)),
         "vqa": lambda: VQAProcessor(tokenizer, small, max_pixels=max_pixels),
         "retrieval": lambda: RetrievalProcessor(tokenizer, small, all_captions=True, max_pixels=max_pixels),
+        "classification": lambda: ClassificationProcessor(small, max_pixels=max_pixels),
+        "nlvr2": lambda: _nlvr2_processor(tokenizer, small, max_pixels),
     }
     if kind not in processors:
         raise ValueError(f"unknown stream kind {kind!r}; known: {', '.join(processors)}")
     return processors[kind]()
+
+
+def _nlvr2_processor(tokenizer: Tokenizer, transform: ImageTransform, max_pixels: int):
+    from .nlvr2 import NLVR2Processor  # it builds on this module
+
+    return NLVR2Processor(tokenizer, transform, max_pixels=max_pixels)

@@ -6,14 +6,31 @@ to the first dot, so keys never contain dots). The fields of each kind:
 ============  ===================================================================================
 kind          fields
 ============  ===================================================================================
-image         ``jpg`` or ``png`` (the original encoded bytes); optional ``json`` metadata
+image         an image: ``jpg``, ``png``, ``webp`` or ``jpeg`` (:data:`IMAGE_FIELDS`, the first
+              present is read; the original encoded bytes); optional ``json`` metadata
 text          ``txt``: one document, UTF-8; optional ``json`` metadata (``{"lang": "de"}``: the
               document's language, which LM evaluation reports perplexity by)
-image_text    ``jpg``/``png`` + ``txt`` (the caption)
-vqa           ``jpg``/``png`` + ``json``: ``{"question_id", "question", "answers": [10 strings],
-              "question_type", "image_id"}``
-retrieval     ``jpg``/``png`` + ``json``: ``{"image_id", "captions": [strings]}``
+image_text    an image + ``txt`` (the caption)
+vqa           an image and all its questions: an image + ``json``: ``{"image_id",
+              "questions": [{"question_id", "question", "answers": [10 strings],
+              "question_type", "answer_type"}, ...]}``; ids integers or strings;
+              ``"answers": []`` and no types in a label-free (test) split. Also read: one
+              question per sample, ``json`` ``{"question_id", "question", "answers",
+              "question_type", "image_id"}`` (the bundled shards' layout)
+retrieval     an image + ``json``: ``{"image_id", "captions": [strings]}``
+nlvr2         two images, ``left.<image>`` and ``right.<image>`` (``left.png``: the key ends at
+              the first dot) + ``json``: ``{"identifier", "sentence", "label": true | false}``
 ============  ===================================================================================
+
+``classification`` (one image and its class): an image + ``cls`` (the class index in ASCII digits,
+webdataset's convention) and/or ``json`` ``{"label": class name}``; a name, where there is one,
+decides: it is looked up in the task's class list (``mmoe data write-shards classification`` writes
+both, ``cls`` indexing the sorted class folders of what it wrote).
+
+img2dataset's output is image_text shards as it is, in any ``encode_format`` (jpg, png, webp):
+``00000.tar`` ... holding ``000000000.jpg``, ``000000000.txt`` (the caption) and
+``000000000.json`` (its metadata, not read), beside ``00000_stats.json`` (what the download
+attempted and got: :func:`img2dataset_stats`) and ``00000.parquet`` (never opened).
 
 :class:`ShardSink` writes shards named ``<prefix>-000000.tar`` ... into a directory, each
 closed at ``maxcount`` samples or ``maxsize`` bytes, with fixed member metadata (mtime 0,
@@ -38,16 +55,19 @@ import webdataset as wds
 
 from .atomic import put_in_place, remove, staging_path
 
-__all__ = ["IMAGE_FIELDS", "KINDS", "ShardSink", "safe_key", "shard_urls"]
+__all__ = ["IMAGE_FIELDS", "KINDS", "ShardSink", "img2dataset_stats", "safe_key", "shard_urls"]
 
-KINDS = ("image", "text", "image_text", "vqa", "retrieval")
-IMAGE_FIELDS = ("jpg", "png")
+KINDS = ("image", "text", "image_text", "vqa", "retrieval", "nlvr2", "classification")
+# img2dataset's three encode formats, and jpeg, which other webdataset writers use (open_clip reads the same four)
+IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")
 REQUIRED_FIELDS = {
     "image": (IMAGE_FIELDS,),
     "text": (("txt",),),
     "image_text": (IMAGE_FIELDS, ("txt",)),
     "vqa": (IMAGE_FIELDS, ("json",)),
     "retrieval": (IMAGE_FIELDS, ("json",)),
+    "nlvr2": (tuple(f"left.{f}" for f in IMAGE_FIELDS), tuple(f"right.{f}" for f in IMAGE_FIELDS), ("json",)),
+    "classification": (IMAGE_FIELDS, ("cls", "json")),
 }
 _MTIME = 0
 
@@ -108,8 +128,8 @@ class ShardSink:
             if not any(f in fields for f in alternatives):
                 raise ValueError(f"a {self.kind} sample needs a {' or '.join(alternatives)} field; {key!r} has "
                                  f"{sorted(fields)}")
-        if any("." in f or not f for f in fields):
-            raise ValueError(f"field names must be non-empty and dot-free: {sorted(fields)}")
+        if any(not f or f.startswith(".") or "/" in f for f in fields):  # "left.png" is fine: the key ends first
+            raise ValueError(f"field names must be non-empty, without a leading dot or a slash: {sorted(fields)}")
         if self._writer is None or self._count >= self.maxcount or self._bytes >= self.maxsize:
             self._next_shard()
         encoded = {"__key__": key, **{f: _encode(v) for f, v in fields.items()}}
@@ -183,3 +203,33 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {shard_dir} a directory written by `mmoe data write-shards`?")
     return json.loads(path.read_text())
+
+
+_STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
+
+
+def img2dataset_stats(urls: list[str]) -> dict | None:
+    """What img2dataset's ``<shard>_stats.json`` beside the tars at ``urls`` say, summed: the
+    samples it attempted (``count``), wrote (``successes``) and lost (``failed_to_download``,
+    ``failed_to_resize``; ``status`` per message); ``shards`` counts the tars with stats and
+    ``unreadable`` lists stats files that do not parse. None when no tar has one."""
+    total: dict[str, Any] = {"shards": 0, **dict.fromkeys(_STATS_COUNTS, 0), "status": Counter(), "unreadable": []}
+    for url in urls:
+        path = Path(url).with_name(Path(url).stem + "_stats.json")
+        if not path.is_file():
+            continue
+        try:
+            stats = json.loads(path.read_text())
+            counts = {k: int(stats.get(k, 0)) for k in _STATS_COUNTS}
+            status = Counter({str(k): int(v) for k, v in stats.get("status_dict", {}).items()})
+        except (ValueError, TypeError, AttributeError):
+            total["unreadable"].append(str(path))
+            continue
+        total["shards"] += 1
+        for key, n in counts.items():
+            total[key] += n
+        total["status"].update(status)
+    if not total["shards"] and not total["unreadable"]:
+        return None
+    total["status"] = dict(total["status"].most_common())
+    return total

@@ -1,20 +1,24 @@
-"""Bad input is skipped, counted per reason and logged at a rate limit — never fatal, never
-silently trained on.
+"""Bad input is skipped, counted per reason and logged at a rate limit — never silently
+trained on, and fatal only when nothing is left: a stream without a usable sample.
 
 Every decoder raises :class:`SkipSample` with one of :data:`REASONS`; the reader catches it,
 counts it in a :class:`SkipCounter` and moves on. Counts travel with the batches (each batch
 carries the skips its worker saw since its previous batch), so the training process can
-report them in its metrics without shared state between DataLoader workers.
+report them in its metrics without shared state between DataLoader workers. A stream that
+skips every sample for long (``data_pipelines.streams``) raises :class:`UnusableShards`
+instead of reading on forever.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 
-__all__ = ["ID", "REASONS", "TEXT", "TEXTS", "SkipCounter", "SkipSample", "decode_json", "decode_record",
-           "decode_text"]
+__all__ = ["ID", "REASONS", "TEXT", "TEXTS", "SkipCounter", "SkipSample", "UnusableShards", "decode_json",
+           "decode_record", "decode_text"]
 
 REASONS = {
     "truncated_tar": "a shard ended inside a member (or is not a tar at all); later samples of it are lost",
@@ -40,6 +44,11 @@ class SkipSample(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class UnusableShards(ValueError):
+    """A stream's shards give no usable sample: every one read for long was skipped, or there was
+    none (the message names the shards, what their samples hold and why they were skipped)."""
 
 
 def decode_text(data: bytes | bytearray) -> str:
@@ -108,23 +117,38 @@ def decode_record(data: bytes, schema: dict, optional: dict | None = None) -> di
 
 
 class SkipCounter:
-    """Counts skips per reason; logs the first of each reason and then every ``log_every``-th."""
+    """Counts skips per reason and logs them at a rate limit in time: the first of each reason,
+    then at most one line per reason per ``log_interval`` seconds (``math.inf``: the first
+    only), with the count so far, so that a stream of nothing but bad samples cannot flood a log.
+    ``clock``: seconds from any origin (a test passes a fake one); ``muted``: count and log
+    nothing (a reader whose skips another reader counts)."""
 
-    def __init__(self, log_every: int = 1000):
+    def __init__(self, log_interval: float = 60.0, *, clock: Callable[[], float] = time.monotonic,
+                 muted: bool = False):
+        if not log_interval >= 0:
+            raise ValueError(f"log_interval is in seconds, >= 0 (math.inf: log the first of each reason only), "
+                             f"got {log_interval}")
         self.counts: Counter[str] = Counter()
-        self.log_every = log_every
-        self.muted = False  # while a resumed stream passes over what it had read: counted then
+        self.log_interval, self.clock = log_interval, clock
+        self.muted = muted  # e.g. while a resumed stream passes over what it had read: counted then
         self._unreported: Counter[str] = Counter()
+        self._logged: dict[str, tuple[float, int]] = {}  # reason -> (time, count) of its last line
 
     def add(self, skip: SkipSample, where: str = "") -> None:
         if self.muted:
             return
-        self.counts[skip.reason] += 1
-        self._unreported[skip.reason] += 1
-        n = self.counts[skip.reason]
-        if n == 1 or n % self.log_every == 0:
-            log.warning("skipped sample #%d for %s%s: %s", n, skip.reason, f" in {where}" if where else "",
-                        skip.detail or REASONS[skip.reason])
+        reason = skip.reason
+        self.counts[reason] += 1
+        self._unreported[reason] += 1
+        n = self.counts[reason]
+        now = self.clock()
+        last = self._logged.get(reason)
+        if last is not None and now - last[0] < self.log_interval:
+            return
+        since = f" ({n - last[1]} since the line {now - last[0]:.0f} s before)" if last is not None else ""
+        self._logged[reason] = (now, n)
+        log.warning("skipped sample #%d for %s%s%s: %s", n, reason, since, f" in {where}" if where else "",
+                    skip.detail or REASONS[reason])
 
     def take_new(self) -> dict[str, int]:
         """The skips counted since the previous call (what the next batch carries)."""

@@ -7,12 +7,13 @@ task's head beside it). Two contracts meet here, each declared where it belongs:
 - the backbone's weight names, positions and config: :mod:`multimodal_moe.models.beit3_weights`;
 - a task's head: its config class says how unilm names the head
   (``TaskConfig.unilm_heads``), how to make a config of it (``from_unilm_heads``: the VQA
-  answer list, the retrieval width) and what goes beside it on the way out
+  answer list, the retrieval width, the ImageNet class count) and what goes beside it on the way out
   (``write_unilm_files``: the VQA ``answer2label.txt``). Every registered task kind is asked,
   so the converter knows no task by name.
 
-The unilm heads without a task here (NLVR2, ImageNet, captioning and pretraining MLM/MIM) are
-reported by name and left out; any other key stops the conversion, naming it. Converted folders
+The unilm heads without a task here (pretraining MLM/MIM) are reported by name and left out
+(``mlm_head`` beside a ``mim_head`` is a pretraining head, alone captioning's); any other key stops
+the conversion, naming it. Converted folders
 are written by the checkpoint writer (:class:`~multimodal_moe.training.checkpoint.FolderWriter`),
 with ``conversion.json`` beside the weights: nothing is half-written.
 """
@@ -51,9 +52,7 @@ __all__ = ["ConversionError", "ConversionReport", "from_beit3", "to_beit3"]
 REPORT_FILE = "conversion.json"
 # unilm heads without a task here: reported, not converted (name prefixes)
 OTHER_HEADS = {
-    "nlvr2": ("head.norm1.", "head.dense1.", "head.norm2.", "head.dense2."),
-    "imagenet": ("fc_norm.", "head.weight", "head.bias"),
-    "mlm (captioning / pretraining)": ("mlm_head.",),
+    "mlm (pretraining)": ("mlm_head.",),
     "mim (pretraining)": ("mim_head.",),
 }
 
@@ -66,7 +65,7 @@ class ConversionReport:
         source: the file or checkpoint read.
         source_format: torchscale | unilm | multimodal_moe.
         destination: what was written.
-        task: the task whose heads were converted (vqa | retrieval), or None.
+        task: the task whose heads were converted (vqa | retrieval | nlvr2 | classification), or None.
         not_converted: unilm head name -> its keys, for heads without a task here.
         notes: anything the user should know (assumed head count, resized positions, ...).
         torchscale_config: the ``EncoderConfig`` keyword arguments of the model.
@@ -106,7 +105,9 @@ def _sort_heads(rest: dict[str, torch.Tensor], tasks: dict[str, type[TaskConfig]
     others: dict[str, list[str]] = {}
     unknown = []
     for name, tensor in rest.items():
-        kind = next((kind for kind, cls in tasks.items() if name in cls.unilm_heads.names), None)
+        kind = next((kind for kind, cls in tasks.items() if name in cls.unilm_heads.names
+                     and not any(k.startswith(cls.unilm_heads.unless) for k in rest if cls.unilm_heads.unless)),
+                    None)
         other = next((head for head, prefixes in OTHER_HEADS.items() if name.startswith(prefixes)), None)
         if kind is not None:
             heads.setdefault(kind, {})[name] = tensor
@@ -142,8 +143,8 @@ def _convert_heads(heads: dict[str, dict[str, torch.Tensor]], tasks: dict[str, t
 
 def _fit_text_length(task: Any, max_text_len: int) -> Any:
     """The task config with texts of up to 64 tokens (unilm's) or the model's limit."""
-    if task is None:
-        return None
+    if task is None or not hasattr(task.train, "max_len"):  # image classification reads no text
+        return task
     return dataclasses.replace(task, train=dataclasses.replace(task.train, max_len=min(64, max_text_len)))
 
 
@@ -161,7 +162,8 @@ def from_beit3(src: str | os.PathLike, dst: str | os.PathLike, *, heads: int | N
         tokenizer: the tokenizer path recorded in the task config (default: ``beit3.spm``,
             the official one).
         tokenizer_layout: its id layout (default: ``xlmr``, the official one's).
-        answers: unilm's ``answer2label.txt`` (or one answer per line) for a VQA head.
+        answers: unilm's ``answer2label.txt`` (or one answer per line) for a VQA head; for an
+            ImageNet head, its class names, one per line (default ``class_0`` ...).
         trust_pickle: allow files that pickle Python objects besides tensors.
     """
     check_new_folder(dst)
@@ -178,7 +180,7 @@ def from_beit3(src: str | os.PathLike, dst: str | os.PathLike, *, heads: int | N
     task, head_weights = _convert_heads(head_state, tasks, cfg.dim, tok, Path(answers) if answers else None, notes)
     if answers and task is None:
         notes.append("--answers was given but the checkpoint has no VQA head")
-    if task is not None and tokenizer is None:
+    if task is not None and tokenizer is None and hasattr(task, "tokenizer"):
         notes.append(f"the {task.kind} config names the tokenizer 'beit3.spm' (xlmr layout); evaluating needs it "
                      f"there or --set task.tokenizer.path=<beit3.spm>")
     task = _fit_text_length(task, cfg.max_text_len)

@@ -17,12 +17,18 @@ __all__ = ["evaluate_checkpoint"]
 
 
 def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, progress: bool = False,
-                        text_shards: list[str] | None = None, choices: str | None = None) -> dict:
+                        text_shards: list[str] | None = None, choices: str | None = None,
+                        predict: bool = False) -> dict:
     """Evaluate ``cfg``'s task with the weights of ``checkpoint``; writes ``results.json``. A
     language model is scored by perplexity on ``text_shards`` (default: its task's
     ``eval_shards``), per language too where the documents name theirs, and, given a JSONL of
     ``choices``, by zero-shot multiple choice. A model with routed experts also gets
-    ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and ``plots/expert_usage.png``."""
+    ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and ``plots/expert_usage.png``.
+    ``predict``: VQA only, the answers are the point: a label-free split (VQAv2's test-dev) is
+    predicted for the evaluation server instead of refused (see :meth:`eval_tasks.vqa.VQA.evaluate`)."""
+    if predict and cfg.task.kind != "vqa":
+        raise ValueError(f"--predict writes the answers of a split without them, for VQA's evaluation server; the "
+                         f"{cfg.task.kind} task scores labelled data only: drop --predict")
     task = checkpoint.load_task(cfg)
     shards = text_shards if cfg.task.kind == "lm" and text_shards else cfg.task.eval_shards
     results = {"task": cfg.task.kind, "checkpoint": str(checkpoint.path), "eval_shards": to_dict(shards)}
@@ -32,7 +38,8 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
             results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len,
                                       languages=languages))
         else:
-            results.update(task.evaluate(out_dir, progress=progress))
+            results.update(task.evaluate(out_dir, progress=progress,  # only VQA takes predict
+                                         **({"predict": True} if predict else {})))
     if report := usage.report():
         results["expert_usage"] = report
     if cfg.task.kind == "lm" and choices is not None:

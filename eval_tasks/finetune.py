@@ -1,6 +1,8 @@
-"""What the image-text fine-tuning tasks share: their config fields and checks, transforms,
-the training and evaluation streams, and the preprocessing of inference inputs (images as
-paths, encoded bytes or PIL images; texts as strings), the same as evaluation's."""
+"""What the fine-tuning tasks share: their config fields and checks, transforms, the training
+and evaluation streams, and the preprocessing of inference inputs (images as paths, encoded
+bytes or PIL images; texts as strings), the same as evaluation's. :class:`Finetune` is the
+image side every downstream task has (image classification uses it alone);
+:class:`ImageTextFinetune` adds the tokenizer and the text stream of the image-text tasks."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from multimodal_moe.models import ModelConfig, MultiwayEncoderConfig
 from multimodal_moe.tasks.base import Task, TaskConfig
 from multimodal_moe.tasks.stream_config import SingleStream, TextStreamConfig, TokenizerConfig
 
-__all__ = ["ImageInput", "ImageTextFinetune", "ImageTextFinetuneConfig", "gather_counts", "gather_lists",
-           "is_main_rank"]
+__all__ = ["Finetune", "FinetuneConfig", "ImageInput", "ImageTextFinetune", "ImageTextFinetuneConfig",
+           "gather_counts", "gather_lists", "is_main_rank"]
 
 ImageInput = str | os.PathLike | bytes | Image.Image  # an image file, its encoded bytes, or a decoded image
 
@@ -52,22 +54,18 @@ def is_main_rank() -> bool:
 
 
 @config
-class ImageTextFinetuneConfig(TaskConfig):
-    """Fields of every image-text fine-tuning task.
+class FinetuneConfig(TaskConfig):
+    """Fields of every fine-tuning task.
 
     Attributes:
-        train: the training stream (``max_len``: longest text in tokens).
         eval_shards: the held-out split scored by the task's ``evaluate``.
         eval_batch_size: samples per evaluation batch.
-        tokenizer: the sentencepiece model.
         crop_scale: area range of the training crop (BEiT-3: 0.5-1).
     """
 
-    train: TextStreamConfig
     eval_shards: tuple[str, ...]
     downstream: ClassVar[bool] = True
     eval_batch_size: int = 64
-    tokenizer: TokenizerConfig = TokenizerConfig()
     crop_scale: tuple[float, ...] = (0.5, 1.0)
 
     def check(self) -> None:
@@ -79,17 +77,29 @@ class ImageTextFinetuneConfig(TaskConfig):
     def check_model(self, model: ModelConfig) -> None:
         if not isinstance(model, MultiwayEncoderConfig):
             raise ConfigError("kind", f"{self.kind} fine-tunes a multiway_encoder, not a {model.kind}")
+
+
+@config
+class ImageTextFinetuneConfig(FinetuneConfig):
+    """Fields of every image-text fine-tuning task, beyond :class:`FinetuneConfig`.
+
+    Attributes:
+        train: the training stream (``max_len``: longest text in tokens).
+        tokenizer: the sentencepiece model.
+    """
+
+    train: TextStreamConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    def check_model(self, model: ModelConfig) -> None:
+        FinetuneConfig.check_model(self, model)
         if self.train.max_len > model.max_text_len:
             raise ConfigError("train.max_len", f"{self.train.max_len} exceeds the model's max_text_len "
                                                f"{model.max_text_len}")
 
 
-class ImageTextFinetune(Task):
-    """Base of the image-text fine-tuning tasks: config, tokenizer, transforms, streams."""
-
-    def __init__(self, cfg: ImageTextFinetuneConfig, model: nn.Module):
-        super().__init__(cfg, model)
-        self.tokenizer = cfg.tokenizer.load(model.cfg.vocab_size)
+class Finetune(Task):
+    """Base of the fine-tuning tasks: transforms, streams, and images for inference."""
 
     def uses_every_parameter(self) -> bool:
         return False  # the encoder's mask token serves masked pretraining only
@@ -103,7 +113,7 @@ class ImageTextFinetune(Task):
 
     # -- inference: what ``mmoe predict`` and ``mm.load_checkpoint(...)`` users call --
 
-    query: ClassVar[str] = ""  # the ``mmoe predict`` flag of the texts this task reads about an image
+    query: ClassVar[str] = ""  # the ``mmoe predict`` flag of the texts this task reads about an image ("": none)
 
     def pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, 3, S, S) on the task's device: each image decoded (alpha on white, as training
@@ -123,16 +133,6 @@ class ImageTextFinetune(Task):
                 raise ValueError(f"{what}: {e.detail or e.reason}") from None
         return transform.normalize(torch.stack(decoded)).to(self._device())
 
-    def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids_NL, padding_NL) on the task's device, each text tokenised as in training
-        (``[bos] ... [eos]``, at most ``train.max_len`` tokens; True marks padding)."""
-        try:
-            seqs = [self.tokenizer.encode_for_model(t, self.cfg.train.max_len) for t in texts]
-        except SkipSample as e:
-            raise ValueError(f"a text has no tokens or is not UTF-8: {e}") from None
-        ids_NL, padding_NL, _ = TextProcessor(self.tokenizer, self.cfg.train.max_len, None).text_batch(seqs, 0)
-        return ids_NL.to(self._device()), padding_NL.to(self._device())
-
     def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
         """What ``mmoe predict`` prints for one image and its ``--<query>`` texts, one JSON object each."""
         raise NotImplementedError
@@ -144,16 +144,37 @@ class ImageTextFinetune(Task):
         return SingleStream(self.cfg.kind, self.cfg.train.loader(self.processor(True), seed=derive_seed(seed, 0),
                                                                   num_workers=num_workers, pin_memory=pin_memory))
 
+    def eval_stream(self) -> ShardStream:
+        """One pass over ``eval_shards`` (this rank's share under torchrun)."""
+        return ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self.processor(False),
+                           batch_size=self.cfg.eval_batch_size, resampled=False)
+
     def eval_batches(self, num_workers: int = 0, skipped: Counter | None = None, progress: bool = False
                      ) -> Iterator:
         """One pass over ``eval_shards`` (this rank's share under torchrun: gather the results
         with :func:`gather_lists`); the samples skipped are added to ``skipped`` per reason.
         ``progress``: a bar of the batches on rank 0."""
-        stream = ShardStream([str(data_path(s)) for s in self.cfg.eval_shards], self.processor(False),
-                             batch_size=self.cfg.eval_batch_size, resampled=False)
-        batches = StreamLoader(stream, num_workers=num_workers)
+        batches = StreamLoader(self.eval_stream(), num_workers=num_workers)
         for batch in tqdm(batches, desc=f"evaluate {self.cfg.kind}", unit="batch", leave=False,
                           disable=not (progress and is_main_rank())):
             if skipped is not None:
                 skipped.update(batch.skipped)
             yield batch
+
+
+class ImageTextFinetune(Finetune):
+    """Base of the image-text fine-tuning tasks: :class:`Finetune` plus the tokenizer."""
+
+    def __init__(self, cfg: ImageTextFinetuneConfig, model: nn.Module):
+        super().__init__(cfg, model)
+        self.tokenizer = cfg.tokenizer.load(model.cfg.vocab_size)
+
+    def token_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_NL, padding_NL) on the task's device, each text tokenised as in training
+        (``[bos] ... [eos]``, at most ``train.max_len`` tokens; True marks padding)."""
+        try:
+            seqs = [self.tokenizer.encode_for_model(t, self.cfg.train.max_len) for t in texts]
+        except SkipSample as e:
+            raise ValueError(f"a text has no tokens or is not UTF-8: {e}") from None
+        ids_NL, padding_NL, _ = TextProcessor(self.tokenizer, self.cfg.train.max_len, None).text_batch(seqs, 0)
+        return ids_NL.to(self._device()), padding_NL.to(self._device())

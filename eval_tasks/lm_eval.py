@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from data_pipelines.paths import data_path
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, decode_json, decode_text
-from data_pipelines.streams import tar_samples
+from data_pipelines.tars import tar_samples
 from data_pipelines.tokenizer import Tokenizer
 from multimodal_moe.tasks.base import batch_multiple
 

@@ -11,7 +11,9 @@ VQA handler:
 - answer vocabulary: the most common answer of each training question, normalised, kept if it
   heads at least ``min_answer_count`` questions (3129 answers at 9 on VQAv2); questions
   without an answer in the vocabulary still train (all-zero targets) and are scored;
-- metric: the official VQA accuracy (:mod:`eval_tasks.vqa_metric`), overall and per question type;
+- metric: the official VQA accuracy (:mod:`eval_tasks.vqa_metric`), overall, per question type and
+  per answer type (yes/no, number, other); a label-free split (VQAv2's test-dev and test) is only
+  predicted, for EvalAI: ``vqa_predictions.json`` is its submission format;
 - unilm's VQA checkpoints: its ``pooler.norm`` / ``pooler.dense`` and ``head`` are our pooler
   and head, its ``answer2label.txt`` the answer list (read and written here, converted by
   :mod:`eval_tasks.beit3_convert`).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -36,10 +39,10 @@ from torch import nn
 
 from data_pipelines.batches import VQABatch
 from data_pipelines.paths import data_path
-from data_pipelines.processors import VQAProcessor, read_vqa_record
+from data_pipelines.processors import VQAProcessor, read_vqa_questions
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, SkipSample
-from data_pipelines.streams import tar_samples
+from data_pipelines.tars import tar_samples
 from multimodal_moe.configurable import ConfigError, config
 from multimodal_moe.models import ModelConfig, ModelOutput
 from multimodal_moe.models.beit3_weights import ConversionError, HeadMap, HeadsNotConverted, check_shapes
@@ -53,6 +56,8 @@ from .vqa_metric import normalize_answer, vqa_baselines, vqa_report
 
 __all__ = ["VQA", "VQAConfig", "answer_vocab", "build_answer_vocab", "read_answers"]
 
+log = logging.getLogger("eval_tasks")
+
 ANSWERS_FILE = "answer2label.txt"  # unilm's name for a VQA head's answer list
 UNILM_HEADS = HeadMap(names={
     "pooler.norm.weight": "pooler.0.weight", "pooler.norm.bias": "pooler.0.bias",
@@ -61,20 +66,21 @@ UNILM_HEADS = HeadMap(names={
 
 
 def build_answer_vocab(shards: list[str], min_count: int) -> list[str]:
-    """The normalised majority answer of each question in ``shards``, kept if it is the majority
-    answer of at least ``min_count`` questions; most frequent first, ties alphabetical."""
+    """The normalised majority answer of each question in ``shards`` (either layout: one image
+    with its questions per sample, or one question), kept if it is the majority answer of at least
+    ``min_count`` questions; most frequent first, ties alphabetical."""
     counts: Counter[str] = Counter()
     skips = SkipCounter()  # what training skips, the vocabulary skips (and logs) too
     for shard_set in shards:
         for sample in tar_samples(shard_urls(str(data_path(shard_set))), skips):
             try:
-                record = read_vqa_record(sample)
+                questions = read_vqa_questions(sample)
             except SkipSample as skip:
                 skips.add(skip, where=f"{sample.get('__url__')}:{sample.get('__key__')}")
                 continue
-            answers = [normalize_answer(a) for a in record["answers"]]
-            if answers:
-                counts[Counter(answers).most_common(1)[0][0]] += 1
+            for question in questions:
+                if answers := [normalize_answer(a) for a in question["answers"]]:
+                    counts[Counter(answers).most_common(1)[0][0]] += 1
     return sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
 
 
@@ -100,7 +106,8 @@ def answer_vocab(cfg: VQAConfig) -> list[str]:
     answers = list(cfg.answers) or build_answer_vocab(list(cfg.train.shards), cfg.min_answer_count)
     if not answers:
         raise ValueError(f"no answer of {list(cfg.train.shards)} heads {cfg.min_answer_count} questions; "
-                         f"lower task.min_answer_count")
+                         f"lower task.min_answer_count (or, if they hold no answers, a test split, train on a "
+                         f"labelled one)")
     return answers
 
 
@@ -244,34 +251,76 @@ class VQA(ImageTextFinetune):
 
     def processor(self, train: bool) -> VQAProcessor:
         return VQAProcessor(self.tokenizer, self.transform(train), self.cfg.train.max_len,
-                            answer_vocab={a: i for i, a in enumerate(self.answers)}, normalize_answer=normalize_answer)
+                            answer_vocab={a: i for i, a in enumerate(self.answers)}, normalize_answer=normalize_answer,
+                            view_per_question=train)
 
     @torch.no_grad()
-    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
-        """VQA accuracy on ``eval_shards`` (every rank scores its share; all get the whole
-        report), predictions ``{question_id, answer}`` to ``out_dir/vqa_predictions.json`` and
-        accuracy per question type to ``out_dir/plots/vqa_accuracy_per_type.png`` (rank 0)."""
+    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False,
+                 predict: bool = False) -> dict[str, Any]:
+        """VQA accuracy on ``eval_shards``, overall, per question type and per answer type (every
+        rank scores its share; all get the whole report); to ``out_dir`` (rank 0) every question's
+        answer, ``vqa_predictions.json`` in EvalAI's submission format (``[{"question_id": int,
+        "answer": str}]``, by question id; string ids stay strings), and the accuracy per question
+        type, ``plots/vqa_accuracy_per_type.png``. A label-free split (no answers: VQAv2's test-dev
+        and test) has no accuracy; it is only predicted, and only with ``predict=True``
+        (``mmoe evaluate --predict``): an evaluation that asked for an accuracy never ends without one."""
+        if not predict and _label_free(_first_questions(self.cfg.eval_shards)):
+            raise ValueError(_LABEL_FREE.format(shards=list(self.cfg.eval_shards)))
         self.eval()
         device = next(self.parameters()).device
-        predictions, answers, types, ids, skipped = [], [], [], [], Counter()
+        predictions, answers, qtypes, atypes, ids, skipped = [], [], [], [], [], Counter()
         for batch in self.eval_batches(num_workers, skipped, progress):
             logits_BA, _ = self.logits(batch.to(device))
             predictions += [self.answers[i] for i in logits_BA.argmax(1).tolist()]
             answers += batch.answers
-            types += batch.question_types
+            qtypes += batch.question_types
+            atypes += batch.answer_types
             ids += batch.question_ids
-        predictions, answers, types, ids = gather_lists(predictions, answers, types, ids)
-        report = vqa_report(predictions, answers, types)
-        report["baselines"] = vqa_baselines(answers, self.answers)
+        self.train()
+        predictions, answers, qtypes, atypes, ids = gather_lists(predictions, answers, qtypes, atypes, ids)
+        unlabelled = sum(not a for a in answers)
+        if 0 < unlabelled < len(answers):
+            raise ValueError(f"{unlabelled} of the {len(answers)} questions of {list(self.cfg.eval_shards)} have no "
+                             f"answers: a split is either labelled or label-free (a test split), not both")
+        if unlabelled and not predict:
+            raise ValueError(_LABEL_FREE.format(shards=list(self.cfg.eval_shards)))
+        if unlabelled:
+            report = {"questions": len(answers), "label_free": True, "predictions": "vqa_predictions.json"}
+        else:
+            report = vqa_report(predictions, answers, qtypes, atypes)
+            report["baselines"] = vqa_baselines(answers, self.answers)
         report["skipped_samples"] = gather_counts(skipped)
+        if predict and report["skipped_samples"]:
+            log.warning("%s samples of %s were skipped (%s): their questions have no answer in the predictions",
+                        sum(report["skipped_samples"].values()), list(self.cfg.eval_shards), report["skipped_samples"])
         if out_dir is not None and is_main_rank():
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
+            submission = sorted(zip(ids, predictions), key=lambda qa: (isinstance(qa[0], str), qa[0]))
             (out_dir / "vqa_predictions.json").write_text(json.dumps(
-                [{"question_id": q, "answer": a} for q, a in zip(ids, predictions)]))
-            _plot_per_type(report["per_question_type"], out_dir / "plots" / "vqa_accuracy_per_type.png")
-        self.train()
+                [{"question_id": q, "answer": a} for q, a in submission]))
+            if not unlabelled:
+                _plot_per_type(report["per_question_type"], out_dir / "plots" / "vqa_accuracy_per_type.png")
         return report
+
+
+_LABEL_FREE = ("{shards} holds questions without answers (a test split such as VQAv2's test-dev): there is no "
+               "accuracy to compute; pass --predict (evaluate(predict=True)) to write the answers for the evaluation "
+               "server, vqa_predictions.json")
+
+
+def _first_questions(shards: Sequence[str]) -> list[dict]:
+    """The questions of the first readable sample of ``shards`` (none: [])."""
+    for sample in tar_samples(shard_urls([str(data_path(s)) for s in shards]), SkipCounter(log_interval=float("inf"))):
+        try:
+            return read_vqa_questions(sample)
+        except SkipSample:
+            continue
+    return []
+
+
+def _label_free(questions: list[dict]) -> bool:
+    return bool(questions) and not any(q["answers"] for q in questions)
 
 
 def _plot_per_type(per_type: dict[str, float], path: Path) -> None:

@@ -8,7 +8,8 @@ Reimplements the rules of the VQA evaluation code (``vqaEval.py`` of the VQA API
 - a question's accuracy is the mean, over its ten answers, of min(1, matches among the *other*
   nine / 3) (:func:`vqa_accuracy`); for ten answers this equals 0, 0.3, 0.6, 0.9 or 1 for a
   prediction that 0, 1, 2, 3 or >= 4 annotators gave;
-- the overall score is the mean over questions (x 100 in the report).
+- the overall score is the mean over questions (x 100 in the report), and so is the score of each
+  question type and of each answer type (VQAv2's ``yes/no``, ``number``, ``other``).
 
 Two quirks are kept for parity: the period regex's look-behind is mistyped as ``(?!<=\\d)``
 (so it never looks behind), and ``re.UNICODE`` (= 32) is passed as ``count``, so at most 32
@@ -95,19 +96,29 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def _per_type(types: Sequence[str], scores: Sequence[float], *, skip_untyped: bool = False) -> dict[str, float]:
+    per_type = defaultdict(list)
+    for t, s in zip(types, scores):
+        if t or not skip_untyped:
+            per_type[t].append(s)
+    return {t: 100 * sum(v) / len(v) for t, v in sorted(per_type.items())}
+
+
 def vqa_report(predictions: Sequence[str], answers: Sequence[Sequence[str]],
-               question_types: Sequence[str] | None = None) -> dict:
-    """``vqa_accuracy`` overall (x 100) and per question type, over parallel lists."""
-    if len(predictions) != len(answers) or (question_types is not None and len(question_types) != len(answers)):
+               question_types: Sequence[str] | None = None, answer_types: Sequence[str] | None = None) -> dict:
+    """``vqa_accuracy`` overall (x 100), per question type (``per_question_type``) and per answer
+    type (``per_answer_type``; questions whose answer type is "" are left out of it), over
+    parallel lists."""
+    types = {"question types": question_types, "answer types": answer_types}
+    if len(predictions) != len(answers) or any(t is not None and len(t) != len(answers) for t in types.values()):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions"
-                         + ("" if question_types is None else f" and {len(question_types)} question types"))
+                         + "".join(f" and {len(t)} {name}" for name, t in types.items() if t is not None))
     scores = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
     out = {"vqa_accuracy": 100 * sum(scores) / max(len(scores), 1), "questions": len(scores)}
     if question_types is not None:
-        per_type = defaultdict(list)
-        for t, s in zip(question_types, scores):
-            per_type[t].append(s)
-        out["per_question_type"] = {t: 100 * sum(v) / len(v) for t, v in sorted(per_type.items())}
+        out["per_question_type"] = _per_type(question_types, scores)
+    if answer_types is not None:
+        out["per_answer_type"] = _per_type(answer_types, scores, skip_untyped=True)
     return out
 
 

@@ -14,12 +14,14 @@
     mmoe bench moe [...]                          FFN family speed at equal active FLOPs, JSON
     mmoe bench gpu [--out FILE] [--quick]         CUDA acceptance run: training, kernels, torchrun, speed
     mmoe data {write-shards,inspect,train-tokenizer,build-demo} ...   data_pipelines.cli
+
+The downstream tasks' commands (finetune, evaluate, predict, demo, convert beit3) are in
+``eval_tasks.cli``, the data commands in ``data_pipelines.cli``; this module adds both to its parser.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import math
@@ -85,7 +87,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1
 
 
-def _run_dir(args: argparse.Namespace) -> str | None:
+def run_dir_of(args: argparse.Namespace) -> str | None:
     """``--run-dir``, or ``runs/<preset>-<time>`` for a fresh single-process run; None (with the
     error said) where one must be given."""
     if args.run_dir is not None:
@@ -96,7 +98,7 @@ def _run_dir(args: argparse.Namespace) -> str | None:
     return f"runs/{Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _train(args: argparse.Namespace, cfg, command: str, run_dir: str) -> int:
+def train_into(args: argparse.Namespace, cfg, command: str, run_dir: str) -> int:
     """Run ``cfg``'s training into ``run_dir``, from ``args.init`` if given; the exit code."""
     from .training import TrainingDiverged, TrainingStopped, train
 
@@ -135,101 +137,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         args.config = str(find_checkpoint(start) / CONFIG_FILE)
     args.config = args.config or DEFAULT_PRETRAIN_PRESET
-    run_dir = _run_dir(args)
-    return 2 if run_dir is None else _train(args, load_config(args.config, args.set), "pretrain", run_dir)
-
-
-def _summary(results: dict) -> str:
-    keys = [k for k in ("vqa_accuracy", "i2t_r1", "t2i_r1", "r_mean", "perplexity", "bits_per_byte",
-                                "loss") if k in results]
-    return ", ".join(f"{k} {results[k]:.2f}" for k in keys)
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from eval_tasks.evaluate import evaluate_checkpoint
-
-    from .training import Checkpoint
-
-    run_dir = _run_dir(args)
-    if run_dir is None:
-        return 2
-    code = _train(args, load_config(args.config, args.set), "finetune", run_dir)
-    if code:
-        return code
-    checkpoint = Checkpoint.open(run_dir)  # its config as trained (with e.g. the VQA answer list)
-    results = evaluate_checkpoint(checkpoint, checkpoint.config, Path(run_dir),
-                                  progress=not args.no_progress)  # every rank scores its share
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"evaluation: {_summary(results)}; {Path(run_dir) / 'results.json'}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from eval_tasks.evaluate import evaluate_checkpoint
-
-    from .training import Checkpoint
-
-    checkpoint = Checkpoint.open(args.checkpoint)
-    if args.config is None:  # the checkpoint's own config, --set on top
-        cfg = checkpoint.config_with(args.set)
-    else:
-        saved, requested = checkpoint.config, load_config(args.config, args.set)
-        cfg = dataclasses.replace(requested, model=saved.model, task=requested.task.with_heads_of(saved.task))
-    out_dir = Path(args.out) if args.out else checkpoint.path.parent.parent
-    results = evaluate_checkpoint(checkpoint, cfg, out_dir, progress=not args.no_progress,
-                                  text_shards=args.text_shards, choices=args.choices)
-    print(f"evaluation: {_summary(results)}; {out_dir / 'results.json'}")
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from . import load_checkpoint
-
-    task = load_checkpoint(args.checkpoint, device=args.device)
-    query = getattr(task, "query", "")
-    if not query:
-        raise ValueError(f"{args.checkpoint} holds a {type(task).__name__} backbone, not a fine-tuned task; "
-                         f"predict takes a VQA or retrieval checkpoint (mmoe finetune writes one)")
-    other = {"question": "captions", "captions": "question"}[query]
-    if getattr(args, other) or not getattr(args, query):
-        raise ValueError(f"a {task.cfg.kind} checkpoint takes --{query}, not --{other}")
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    for line in task.describe(args.image, getattr(args, query), args.top_k):
-        print(json.dumps(line, ensure_ascii=False))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from eval_tasks.demo import run_demo, table
-
-    run_dir = args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"demo: pretrain, fine-tune VQA and retrieval, evaluate -> {run_dir}", file=sys.stderr)
-    results = run_demo(run_dir, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                       progress=not args.no_progress)
-    print(table(results))
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from eval_tasks.beit3_convert import ConversionError, from_beit3, to_beit3
-
-    try:
-        if args.to == "ours":
-            report = from_beit3(args.src, args.dst, heads=args.heads, image_size=args.image_size,
-                                tokenizer=args.tokenizer, tokenizer_layout=args.tokenizer_layout,
-                                answers=args.answers, trust_pickle=args.trust_pickle)
-        else:
-            report = to_beit3(args.src, args.dst, fmt=args.to)
-    except ConversionError as e:
-        print(f"mmoe: conversion error: {e}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    if args.to == "ours":
-        print(f"fine-tune: mmoe finetune --config <vqa or retrieval config> --init {args.dst}")
-    else:
-        print(f"build it with torchscale's BEiT3(EncoderConfig(**{report.torchscale_config}))")
-    return 0
+    run_dir = run_dir_of(args)
+    return 2 if run_dir is None else train_into(args, load_config(args.config, args.set), "pretrain", run_dir)
 
 
 def cmd_convert_mot(args: argparse.Namespace) -> int:
@@ -291,45 +200,6 @@ def parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(run=cmd_pretrain)
 
-    finetune = sub.add_parser("finetune", help="fine-tune a task (vqa, retrieval) from a checkpoint, then evaluate")
-    finetune.add_argument("--config", required=True, help="a configs/finetune preset or file")
-    finetune.add_argument("--init", default=None, help="checkpoint whose backbone to start from (default: random "
-                                                       "init, the baseline)")
-    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    finetune.add_argument("--run-dir", default=None)
-    finetune.add_argument("--resume", **RESUME)
-    finetune.add_argument("--no-progress", action="store_true")
-    finetune.set_defaults(run=cmd_finetune)
-
-    evaluate = sub.add_parser("evaluate", help="evaluate a fine-tuned checkpoint; writes results.json and plots")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--config", default=None, help="task config (default: the checkpoint's own)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    evaluate.add_argument("--out", default=None, help="output folder (default: the checkpoint's run dir)")
-    evaluate.add_argument("--text-shards", nargs="+", default=None,
-                          help="LM: held-out text shards for perplexity (default: the config's task.eval_shards)")
-    evaluate.add_argument("--choices", default=None,
-                          help='LM: a JSONL of {"context", "choices", "label"} for zero-shot multiple choice')
-    evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(run=cmd_evaluate)
-
-    predict = sub.add_parser("predict", help="answer questions about an image (VQA) or rank captions for it "
-                                             "(retrieval) with a fine-tuned checkpoint; one JSON line each")
-    predict.add_argument("--checkpoint", required=True, help="a fine-tuned VQA or retrieval run or checkpoint")
-    predict.add_argument("--image", required=True, help="an image file (JPEG, PNG, WebP, GIF, BMP or TIFF)")
-    predict.add_argument("--question", action="append", default=[], help="VQA: a question (repeatable)")
-    predict.add_argument("--captions", nargs="+", default=[], help="retrieval: the captions to rank")
-    predict.add_argument("--top-k", type=int, default=5, help="answers per question / captions shown")
-    predict.add_argument("--device", default="cpu")
-    predict.set_defaults(run=cmd_predict)
-
-    demo = sub.add_parser("demo", help="pretrain -> fine-tune VQA and retrieval -> evaluate, on the bundled data")
-    demo.add_argument("--run-dir", default=None, help="output folder (default: runs/demo-<time>)")
-    demo.add_argument("--pretrain-steps", type=int, default=2000)
-    demo.add_argument("--finetune-steps", type=int, default=1500, help="for each of VQA and retrieval")
-    demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(run=cmd_demo)
-
     converts = sub.add_parser("convert", help="official BEiT-3 checkpoints in and out; Mixture of Tokens to "
                                               "top-k").add_subparsers(dest="source", required=True)
     mot = converts.add_parser("mot-to-topk", help="transition tuning: a Mixture-of-Tokens run's model as a top-k "
@@ -340,26 +210,10 @@ def parser() -> argparse.ArgumentParser:
     mot.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="another setting of the top-k MoE, e.g. --set capacity_factor=1.25 (repeatable)")
     mot.set_defaults(run=cmd_convert_mot)
-    convert = converts.add_parser("beit3", help="official BEiT-3 checkpoints (torchscale, unilm) to ours and back")
-    convert.add_argument("--src", required=True, help="torchscale BEiT3 state dict or unilm beit3 checkpoint "
-                                                      "(.pth/.pt/.safetensors); with --to torchscale|unilm: "
-                                                      "a checkpoint of ours")
-    convert.add_argument("--dst", required=True, help="our checkpoint directory to create; with --to "
-                                                      "torchscale|unilm: the .pth file to write")
-    convert.add_argument("--to", choices=["ours", "torchscale", "unilm"], default="ours",
-                         help="direction: into ours (default), or ours back into torchscale's state dict or a "
-                              "unilm checkpoint (dense decoupled models)")
-    convert.add_argument("--heads", type=int, default=None, help="attention heads (default: width / 64)")
-    convert.add_argument("--image-size", type=int, default=None,
-                         help="fine-tuning image size; the vision positions are resized (default: as trained)")
-    convert.add_argument("--tokenizer", default=None, help="path of the official beit3.spm, recorded in the "
-                                                           "config (default: beit3.spm)")
-    convert.add_argument("--tokenizer-layout", choices=["xlmr", "beit3", "auto"], default="xlmr",
-                         help="its id layout (default: xlmr, the official beit3.spm's)")
-    convert.add_argument("--answers", default=None, help="unilm's answer2label.txt, to keep a VQA head")
-    convert.add_argument("--trust-pickle", action="store_true",
-                         help="read files that pickle Python objects besides tensors (only files you trust)")
-    convert.set_defaults(run=cmd_convert)
+
+    from eval_tasks.cli import add_parsers as add_task_parsers  # finetune, evaluate, predict, demo, convert beit3
+
+    add_task_parsers(sub, converts)
 
     inspect = sub.add_parser("inspect", help="summarise a run: table of losses and expert load, PNG plots")
     inspect.add_argument("run_dir")

@@ -17,7 +17,7 @@ from data_pipelines.cli import inspect_shards
 from data_pipelines.images import decode_image
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter, SkipSample
-from data_pipelines.streams import tar_samples
+from data_pipelines.tars import tar_samples
 from eval_tasks.vqa import build_answer_vocab
 from multimodal_moe.cli import main
 from multimodal_moe.tasks import data_path
@@ -191,7 +191,7 @@ def test_what_write_shards_writes_for_vqa_training_reads(tmp_path, capsys):
     (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "write-shards", "vqa", str(tmp_path / "vqa.jsonl"), "--out", str(tmp_path / "out")]) == 0
     report = inspect_shards([str(tmp_path / "out")])
-    assert report["kind"] == "vqa" and report["samples"] == 2 and report["skipped"] == {}
+    assert report["kind"] == "vqa" and report["samples"] == 1 and report["skipped"] == {}  # one image, 2 questions
     (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[0], "question_id": 3.0}) + "\n")
     assert main(["data", "write-shards", "vqa", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad")]) == 2
     assert "bad.jsonl:1: question_id must be an integer or a string, got 3.0" in capsys.readouterr().err

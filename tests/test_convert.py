@@ -205,14 +205,14 @@ def test_unilm_retrieval_checkpoint_converts_with_its_heads(tmp_path):
     backbone = torchscale_beit3(**overrides)
     vision_head, language_head = random_(nn.Linear(dim, dim, bias=False)), random_(nn.Linear(dim, dim, bias=False))
     logit_scale = torch.tensor(math.log(1 / 0.05))  # a 0-d parameter in unilm
-    imagenet = {"fc_norm": random_(nn.LayerNorm(dim))}  # a head without a task here: reported
+    pretraining = {"mim_head": random_(nn.Linear(dim, 8))}  # a head without a task here: reported
     unilm_checkpoint(tmp_path / "retrieval.pth", backbone, {"vision_head": vision_head,
                                                             "language_head": language_head,
-                                                            "logit_scale": logit_scale, **imagenet})
+                                                            "logit_scale": logit_scale, **pretraining})
     report = from_beit3(tmp_path / "retrieval.pth", tmp_path / "ours", heads=4, tokenizer="bundled:tokenizer.model",
                         tokenizer_layout="auto")
     assert report.task == "retrieval"
-    assert report.not_converted == {"imagenet": ["fc_norm.bias", "fc_norm.weight"]}
+    assert report.not_converted == {"mim (pretraining)": ["mim_head.bias", "mim_head.weight"]}
     checkpoint = Checkpoint.open(tmp_path / "ours")
     task = checkpoint.load_task().eval()
     images, ids, padding, _ = inputs(overrides)
@@ -230,7 +230,7 @@ def test_unilm_retrieval_checkpoint_converts_with_its_heads(tmp_path):
     to_beit3(tmp_path / "ours", tmp_path / "again.pth", fmt="unilm")
     again = torch.load(tmp_path / "again.pth", weights_only=True)["model"]
     source = torch.load(tmp_path / "retrieval.pth", weights_only=True)["model"]
-    assert set(again) == set(source) - {"fc_norm.weight", "fc_norm.bias"}
+    assert set(again) == set(source) - {"mim_head.weight", "mim_head.bias"}
     for k, v in again.items():
         if "embed_positions" in k:
             v, source[k] = v[2:], source[k][2:]
@@ -308,17 +308,13 @@ def test_unexpected_checkpoints_are_refused_naming_the_keys(tmp_path, exported, 
 
 
 def test_heads_without_a_task_here_are_reported_by_name(tmp_path, exported):
-    heads = {"head.norm1.weight": torch.ones(256), "head.dense1.weight": torch.zeros(128, 256),  # NLVR2
-             "fc_norm.weight": torch.ones(64), "head.weight": torch.zeros(1000, 64),  # ImageNet
-             "mlm_head.weight": torch.zeros(4096, 64), "mim_head.weight": torch.zeros(8192, 64)}  # pretraining
+    heads = {"mlm_head.weight": torch.zeros(4096, 64), "mim_head.weight": torch.zeros(8192, 64)}  # pretraining
     torch.save({"module": {**{f"beit3.{k}": v for k, v in exported.items()}, **heads}}, tmp_path / "heads.pth")
     report = from_beit3(tmp_path / "heads.pth", tmp_path / "out", heads=4)
     assert report.task is None and report.source_format == "unilm"
-    assert report.not_converted == {"nlvr2": ["head.dense1.weight", "head.norm1.weight"],
-                                    "imagenet": ["fc_norm.weight", "head.weight"],
-                                    "mlm (captioning / pretraining)": ["mlm_head.weight"],
+    assert report.not_converted == {"mlm (pretraining)": ["mlm_head.weight"],
                                     "mim (pretraining)": ["mim_head.weight"]}
-    assert "not converted (imagenet: no such task here): fc_norm.weight, head.weight" in report.summary()
+    assert "not converted (mim (pretraining): no such task here): mim_head.weight" in report.summary()
     assert load_file(tmp_path / "out" / "heads.safetensors") == {}
     assert json.loads((tmp_path / "out" / "conversion.json").read_text())["not_converted"] == report.not_converted
 

@@ -50,20 +50,21 @@ def test_write_shards_from_every_source(files, capsys):
 
     assert main(["data", "write-shards", "vqa", str(files / "vqa.jsonl"), "--out", str(out / "vqa")]) == 0
     record = json.loads(next(iter(wds.WebDataset(str(out / "vqa" / "shard-000000.tar"), shardshuffle=False)))["json"])
-    assert record == {"question_id": 1, "question": "what colour?", "answers": ["red"] * 10,
-                      "question_type": "what colour", "image_id": "a"}
+    assert record == {"image_id": "a", "questions": [{"question_id": 1, "question": "what colour?",
+                                                      "answers": ["red"] * 10, "question_type": "what colour",
+                                                      "answer_type": ""}]}
     assert main(["data", "write-shards", "retrieval", str(files / "ret.jsonl"), "--out", str(out / "ret")]) == 0
     assert main(["data", "write-shards", "text", str(files / "corpus.txt"), "--out", str(out / "text")]) == 0
-    assert read_manifest(out / "text")["samples"] == 2
+    assert read_manifest(out / "text")["samples"] == 1  # a .txt file is one document unless --documents says
 
     capsys.readouterr()
     assert main(["data", "write-shards", "text", str(files / "corpus.txt"), "--out", str(out / "text")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["data", "write-shards", "text", str(files / "corpus.txt"), "--out", str(out / "text"),
-                 "--overwrite", "--file-per-document"]) == 0
-    assert read_manifest(out / "text")["samples"] == 1
+                 "--overwrite", "--documents", "line"]) == 0
+    assert read_manifest(out / "text")["samples"] == 2
     assert main(["data", "write-shards", "text", str(files / "corpus.txt"), "--out", str(out / "text"),
-                 "--overwrite", "--lang", "de"]) == 0
+                 "--overwrite", "--lang", "de", "--documents", "line"]) == 0
     samples = list(wds.WebDataset(str(out / "text" / "shard-000000.tar"), shardshuffle=False))
     assert [json.loads(s["json"]) for s in samples] == [{"lang": "de"}] * 2
 

@@ -28,7 +28,7 @@ from data_pipelines.processors import (
     vqa_soft_score,
 )
 from data_pipelines.shards import ShardSink, read_manifest, safe_key
-from data_pipelines.skips import SkipCounter, SkipSample
+from data_pipelines.skips import SkipCounter, SkipSample, UnusableShards
 from data_pipelines.streams import ShardStream, StreamLoader
 from data_pipelines.tokenizer import train_tokenizer
 
@@ -133,7 +133,7 @@ def test_every_kind_round_trips(tmp_path, tokenizer):
 
     vocab = {"two": 0, "2": 1, "three": 2}
     vqa = read(tmp_path / "vqa", VQAProcessor(tokenizer, eval_transform(8), answer_vocab=vocab))
-    assert vqa[0].question_ids == ["0", "1"] and vqa[0].question_types == ["how many"] * 2
+    assert vqa[0].question_ids == [0, 1] and vqa[0].question_types == ["how many"] * 2  # integer ids stay integers
     assert vqa[0].targets_BA[0].tolist() == pytest.approx([1.0, 0.9, 0.3])
     assert [vqa_soft_score(n) for n in range(6)] == [0.0, 0.3, 0.6, 0.9, 1.0, 1.0]
 
@@ -294,8 +294,12 @@ def test_shards_that_never_yield_stop_a_resampled_stream(tmp_path, tokenizer):
     broken.mkdir()
     (broken / "shard-000000.tar").write_bytes(b"not a tar at all" * 10)
     stream = ShardStream(broken, pair_processor(tokenizer), batch_size=2)
-    with pytest.raises(RuntimeError, match="gave no sample"):
+    with pytest.raises(UnusableShards, match=r"the last 101 shards drawn from .*shard-000000.tar gave no sample "
+                                             r"\(skipped so far: truncated_tar 101\)"):
         next(iter(StreamLoader(stream)))
+    with pytest.raises(UnusableShards, match=r"the shards .*shard-000000.tar hold no sample \(skipped: truncated_tar "
+                                             r"1\)"):
+        next(iter(StreamLoader(ShardStream(broken, pair_processor(tokenizer), batch_size=2, resampled=False))))
 
 
 def test_mixer_holds_its_ratios_and_resumes(tmp_path, tokenizer):
@@ -342,14 +346,29 @@ def test_resampling_weights_shard_sets(tmp_path, tokenizer):
         ShardStream([tmp_path / "a", tmp_path / "b"], ImageProcessor(eval_transform(8)), batch_size=2, weights=[1])
 
 
-def test_skips_are_logged_at_a_rate_limit(caplog):
-    counter = SkipCounter(log_every=4)
+def test_skips_are_logged_at_most_once_per_interval_with_the_count(caplog):
+    """Before: a line per 1000 skips, however fast they came (8.4 million skips: 8,400 lines)."""
+    now = [0.0]
+    counter = SkipCounter(log_interval=60, clock=lambda: now[0])
     with caplog.at_level("WARNING", logger="data_pipelines"):
-        for _ in range(9):
-            counter.add(SkipSample("corrupt_image", "bad bytes"))
-        counter.add(SkipSample("bad_utf8"))
-    assert [r.getMessage().split(" for ")[0] for r in caplog.records] == [
-        "skipped sample #1", "skipped sample #4", "skipped sample #8", "skipped sample #1"]
-    assert counter.take_new() == {"corrupt_image": 9, "bad_utf8": 1} and counter.take_new() == {}
+        for t in (0, 1, 2, 30, 59.9, 60.5, 61, 200):
+            now[0] = t
+            counter.add(SkipSample("missing_field", "expected txt"), where="00000.tar:000000001")
+        counter.add(SkipSample("corrupt_image"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipped sample #1 for missing_field in 00000.tar:000000001: expected txt",
+        "skipped sample #6 for missing_field (5 since the line 60 s before) in 00000.tar:000000001: expected txt",
+        "skipped sample #8 for missing_field (2 since the line 140 s before) in 00000.tar:000000001: expected txt",
+        "skipped sample #1 for corrupt_image: image bytes that Pillow cannot decode"]
+    assert counter.take_new() == {"missing_field": 8, "corrupt_image": 1} and counter.take_new() == {}
+    caplog.clear()
+    once = SkipCounter(log_interval=float("inf"), clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="data_pipelines"):
+        once.add(SkipSample("bad_utf8"))
+        now[0] = 1e9
+        once.add(SkipSample("bad_utf8"))
+    assert len(caplog.records) == 1 and once.counts == {"bad_utf8": 2}
     with pytest.raises(ValueError, match="unknown skip reason"):
         SkipSample("cosmic_rays")
+    with pytest.raises(ValueError, match="log_interval is in seconds"):
+        SkipCounter(log_interval=-1)

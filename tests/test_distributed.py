@@ -110,9 +110,14 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
     # the CLIP loss over features gathered with their gradient (its encoder has an X-MoE layer)
     ("finetune/retrieval_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
+    # both images of a pair through the encoder as 2B rows, then the pair head
+    ("finetune/nlvr2_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
+    # Mixup / CutMix drawn once, in the collate of the global batch: both sides train on the same mix
+    ("finetune/classification_debug", ["train.data_parallel=ddp", *MOE_EXACT, "task.mixup=0.8", "task.cutmix=1.0"]),
     # masked data modeling: each part the mean over the global batch's masked positions
     ("beit3/debug", ["train.data_parallel=ddp"]),
-], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp", "mmm-ddp"])
+], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp",
+        "nlvr2-ddp", "classification-ddp", "mmm-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
     base = RETRIEVAL if preset.startswith("finetune/") else MMM if preset.startswith("beit3/") else BASE
     cfg = mm.load_config(preset, [*base, *parallel])
@@ -227,14 +232,15 @@ def evaluate_on_rank(rank: int, preset: str, out: Path) -> None:
 EVAL_DROPLESS = ["model.moe_ffn.eval_capacity_factor=dropless"]
 
 
-@pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug"])
+@pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug", "finetune/nlvr2_debug",
+                                    "finetune/classification_debug"])
 def test_evaluation_at_world_two_gathers_every_rank_share(tmp_path, preset):
     from multimodal_moe.training import build_task
 
     single = build_task(mm.load_config(preset, EVAL_DROPLESS)).evaluate(None)
     run_ranks(evaluate_on_rank, preset, tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
-    counts = ("questions",) if "questions" in single else ("images", "captions")
+    counts = [k for k in ("questions", "images", "captions", "statements") if k in single]
     assert [report[k] for k in counts] == [single[k] for k in counts]  # every sample once
     for key, value in single.items():
         if isinstance(value, float):  # per-rank batches differ, so an exact tie may break differently

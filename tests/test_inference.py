@@ -14,7 +14,7 @@ from PIL import Image
 import multimodal_moe as mm
 from data_pipelines.shards import shard_urls
 from data_pipelines.skips import SkipCounter
-from data_pipelines.streams import tar_samples
+from data_pipelines.tars import tar_samples
 from multimodal_moe.cli import main
 from multimodal_moe.training import build_task
 from multimodal_moe.training.checkpoint import save_checkpoint

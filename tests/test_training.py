@@ -558,7 +558,7 @@ def test_bad_samples_are_skipped_and_reported_in_the_metrics(tmp_path):
 
     from data_pipelines.shards import shard_urls
     from data_pipelines.skips import SkipCounter
-    from data_pipelines.streams import tar_samples
+    from data_pipelines.tars import tar_samples
     from multimodal_moe.tasks import data_path
 
     good = tar_samples(shard_urls(str(data_path("bundled:image_text/train"))), SkipCounter())

@@ -47,8 +47,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, features
 from tqdm import tqdm
 
 from data_pipelines.paths import BUNDLED
+from data_pipelines.recipes import classification_data, nlvr2_data
 from data_pipelines.shards import KINDS, ShardSink, safe_key
-from data_pipelines.streams import shard_texts
+from data_pipelines.tars import shard_texts
 from data_pipelines.tokenizer import train_tokenizer
 from multimodal_moe.tasks.visual_codebook import codebook_from_shards
 
@@ -60,6 +61,8 @@ VAL_FRACTION = 0.12
 KEEP = {("image_text", "emoji"): 0.5, ("image_text", "digits"): 0.25, ("retrieval", "emoji"): 0.3,
         ("vqa", "emoji"): 0.25, ("vqa", "digits"): 0.25}
 EVAL_KINDS = ("vqa", "retrieval")
+# kinds made from the shards of the others (the facts of the VQA images), after them
+FROM_SHARDS = {"nlvr2": nlvr2_data.build, "classification": classification_data.build}
 SHARD_MAXCOUNT = 500  # several shards per train split, so DataLoader workers can share them
 EMOJI_SIZE, EMOJI_COLORS = 48, 64  # 64-colour palette PNG: visually lossless, half the bytes
 DIGIT_SIZE = 32
@@ -559,7 +562,7 @@ def build_demo(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progre
     pictures, duplicates = drop_duplicate_images(emoji_pictures(progress) + digit_pictures(progress))
     fixed = {"image": photo_samples(progress), "text": text_samples()}
     counts: dict[str, dict[str, int]] = {}
-    for kind in KINDS:
+    for kind in (k for k in KINDS if k not in FROM_SHARDS):
         for split in SPLITS:
             samples = fixed[kind][split] if kind in fixed else picture_samples(kind, split, pictures)
             counts.setdefault(kind, {})[split] = write_shards(out_dir / kind / split, kind, samples,
@@ -571,6 +574,8 @@ def build_demo(out_dir: str | Path = BUNDLED, *, overwrite: bool = False, progre
             "keep": {f"{k}/{s}": f for (k, s), f in sorted(KEEP.items())},
             "dropped_duplicate_images": duplicates, MULTILINGUAL: multilingual_info()}
     write_build_info(out_dir, info)
+    for kind, build in FROM_SHARDS.items():  # each adds its counts to build_info.json
+        counts[kind] = build(out_dir, source=out_dir, overwrite=overwrite)
     return counts
 
 

@@ -5,8 +5,9 @@
   (xformers has no CPU kernels). ``attention_backend``: ``auto`` picks xformers when it can
   run and SDPA otherwise; ``sdpa`` always SDPA; ``xformers`` insists and fails clearly where
   it cannot run.
-- Masks: key padding (True marks padding, torchscale's convention) and causal, alone or
-  together.
+- Masks: key padding (True marks padding, torchscale's convention), causal, or any boolean
+  (T, T) mask of allowed query-key pairs (the captioning mask of unilm's BEiT-3, which
+  torchscale takes as an additive ``attn_mask``), each alone or with key padding.
 - Sub-LN (Magneto, arXiv 2210.06423): a LayerNorm on the attention output before the output
   projection (torchscale's ``inner_attn_ln``). Init as torchscale: q/k/v Xavier-uniform with
   gain 1/sqrt(2), out Xavier-uniform with zero bias, then v and out scaled by ``init_scale``.
@@ -38,21 +39,32 @@ def xformers_installed() -> bool:
 
 def attend(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, *,
            key_padding_mask_BT: torch.Tensor | None = None, causal: bool = False,
-           backend: AttentionBackend = "auto", dropout_p: float = 0.0) -> torch.Tensor:
+           allowed_TT: torch.Tensor | None = None, backend: AttentionBackend = "auto",
+           dropout_p: float = 0.0) -> torch.Tensor:
     """Softmax attention ``softmax(q k^T / sqrt(d) + mask) v`` -> (B, H, T, d).
 
     Args:
         key_padding_mask_BT: True where the key is padding; those keys get zero weight.
         causal: query t attends to keys <= t only.
+        allowed_TT: bool, True where query t may attend key s (not with ``causal``); every
+            row must allow at least one key that is not padding.
         backend: see the module docstring.
     """
+    if allowed_TT is not None:
+        T = q_BHTd.shape[-2]
+        if causal or allowed_TT.shape != (T, T) or allowed_TT.dtype != torch.bool:
+            raise ValueError(f"allowed_TT must be a bool ({T}, {T}) mask and excludes causal=True; got "
+                             f"{allowed_TT.dtype} {tuple(allowed_TT.shape)}, causal={causal}")
     on_cuda = q_BHTd.is_cuda
     if backend == "xformers" and not (xformers_installed() and on_cuda):
         where = "xformers is not installed" if not xformers_installed() else f"the tensors are on {q_BHTd.device.type}"
         raise RuntimeError(f"attention_backend='xformers' cannot run: {where}; xformers attention needs CUDA "
                            "tensors and `pip install 'multimodal_moe[xformers]'`. Use attention_backend=auto or sdpa.")
     if backend != "sdpa" and on_cuda and xformers_installed():
-        return _xformers_attention(q_BHTd, k_BHTd, v_BHTd, key_padding_mask_BT, causal, dropout_p)
+        return _xformers_attention(q_BHTd, k_BHTd, v_BHTd, key_padding_mask_BT, causal, dropout_p, allowed_TT)
+    if allowed_TT is not None:
+        allowed = allowed_TT if key_padding_mask_BT is None else allowed_TT & ~key_padding_mask_BT[:, None, None, :]
+        return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=allowed, dropout_p=dropout_p)
     if key_padding_mask_BT is None:
         return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, dropout_p=dropout_p, is_causal=causal)
     allowed_B11T = ~key_padding_mask_BT[:, None, None, :]
@@ -65,12 +77,17 @@ def attend(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, *,
     return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=allowed_B11T, dropout_p=dropout_p)
 
 
-def _xformers_attention(q_BHTd, k_BHTd, v_BHTd, key_padding_mask_BT, causal, dropout_p):
+def _xformers_attention(q_BHTd, k_BHTd, v_BHTd, key_padding_mask_BT, causal, dropout_p, allowed_TT=None):
     import xformers.ops as xops
 
     B, H, T, _ = q_BHTd.shape
     bias = None
-    if key_padding_mask_BT is not None:
+    if allowed_TT is not None:  # an arbitrary mask: a dense -inf bias, 8-aligned as below
+        bias = q_BHTd.new_zeros(B, H, T, (T + 7) // 8 * 8)[..., :T]
+        bias.masked_fill_(~allowed_TT, float("-inf"))
+        if key_padding_mask_BT is not None:
+            bias.masked_fill_(key_padding_mask_BT[:, None, None, :], float("-inf"))
+    elif key_padding_mask_BT is not None:
         # xformers wants a bias whose last dim is stored 8-aligned: allocate wider, slice.
         storage = q_BHTd.new_zeros(B, H, T, (T + 7) // 8 * 8)
         bias = storage[..., :T]
@@ -147,7 +164,8 @@ class Attention(nn.Module):
                 nn.init.zeros_(out.bias)
 
     def forward(self, x_BTD: torch.Tensor, *, num_vision: int = 0, key_padding_mask_BT: torch.Tensor | None = None,
-                causal: bool = False, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                causal: bool = False, allowed_TT: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
 
         def heads(proj: nn.Module) -> torch.Tensor:
@@ -157,7 +175,7 @@ class Attention(nn.Module):
         if rope is not None:
             q_BHTd, k_BHTd = apply_rotary(q_BHTd, *rope), apply_rotary(k_BHTd, *rope)
         o_BHTd = attend(q_BHTd, k_BHTd, v_BHTd, key_padding_mask_BT=key_padding_mask_BT, causal=causal,
-                        backend=self.backend)
+                        allowed_TT=allowed_TT, backend=self.backend)
         o_BTD = o_BHTd.transpose(1, 2).reshape(B, T, D)
         if self.inner_norm is not None:
             o_BTD = route(self.inner_norm, o_BTD, num_vision)

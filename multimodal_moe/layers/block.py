@@ -62,7 +62,8 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x_BTD: torch.Tensor, *, num_vision: int = 0, token_mask_BT: torch.Tensor | None = None,
-                causal: bool = False, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                causal: bool = False, allowed_TT: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, BlockStats]:
         """Returns the new hidden states, this layer's FFN aux loss and its FFN stats.
 
@@ -71,12 +72,13 @@ class Block(nn.Module):
             num_vision: how many leading tokens are vision tokens.
             token_mask_BT: True for real tokens, False for padding (None: no padding).
             causal: causal attention (decoder LM).
+            allowed_TT: bool (T, T), True where a query may attend a key (captioning's mask).
             rope: RoPE (cos, sin) tables for T positions.
         """
         padding_BT = None if token_mask_BT is None else ~token_mask_BT
         h_BTD = route(self.attn_norm, x_BTD, num_vision)
         x_BTD = x_BTD + self.drop_path(self.attn(h_BTD, num_vision=num_vision, key_padding_mask_BT=padding_BT,
-                                                 causal=causal, rope=rope))
+                                                 causal=causal, allowed_TT=allowed_TT, rope=rope))
         parts, aux_loss, stats = [], x_BTD.new_zeros(()), {}
         for name, span in segments(self.ffn, num_vision, x_BTD.shape[1]):
             norm = self.ffn_norm if name is None else self.ffn_norm[name]

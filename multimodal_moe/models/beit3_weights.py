@@ -91,10 +91,13 @@ class HeadMap:
         names: unilm's name -> ours, of every head weight.
         scalars: unilm's names of weights it keeps 0-d and we keep with shape (1,), since
             FSDP2 shards no scalars (a retrieval logit scale).
+        unless: prefixes of unilm keys whose presence means these keys are another model's
+            (captioning's ``mlm_head`` beside a ``mim_head`` is pretraining's).
     """
 
     names: Mapping[str, str]
     scalars: frozenset[str] = field(default_factory=frozenset)
+    unless: tuple[str, ...] = ()
 
     def to_ours(self, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.names[k]: v.reshape(1) if k in self.scalars else v for k, v in theirs.items()}

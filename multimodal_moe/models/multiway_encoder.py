@@ -15,7 +15,9 @@ text]`` and the number of vision tokens is passed to every layer. Each modality 
 learned absolute position table starting at 0 (torchscale's fairseq offset of 2 is a
 checkpoint-conversion detail). Patches flagged in ``image_mask`` are replaced by a learned
 mask token (masked image modeling). Padded text is zeroed before the first layer, as in
-torchscale. Each modality's FFN (and the VL-FFN) may be any FFN kind.
+torchscale. Each modality's FFN (and the VL-FFN) may be any FFN kind. ``text_causal`` gives
+unilm's captioning mask (``BEiT3ForCaptioning``): image tokens attend to the image only, text
+tokens to the whole image and to the text up to their own position.
 
 Deviations from torchscale's init, which only matter from scratch: positions, CLS and mask
 token use trunc-normal(0.02) (unilm's BEiT-3 wrapper) instead of N(0, 1) positions.
@@ -35,7 +37,17 @@ from ..layers.ffn import FFNConfig
 from ..layers.multiway import TEXT, VISION, VISION_LANGUAGE, per_modality, route
 from .base import ModelConfig, ModelOutput
 
-__all__ = ["MultiwayEncoder", "MultiwayEncoderConfig"]
+__all__ = ["MultiwayEncoder", "MultiwayEncoderConfig", "captioning_mask"]
+
+
+def captioning_mask(num_vision: int, num_text: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, T) bool, True where query t may attend key s, over ``[vision ; text]``: vision to
+    vision, text to vision and to text at or before its own position (unilm's ``uni_mask``,
+    negated: there 1 marks what is hidden)."""
+    T = num_vision + num_text
+    allowed_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    allowed_TT[:, :num_vision] = True
+    return allowed_TT
 
 
 @ModelConfig.register("multiway_encoder")
@@ -173,7 +185,7 @@ class MultiwayEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
                 text_padding_mask: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                ) -> ModelOutput:
+                text_causal: bool = False) -> ModelOutput:
         """Encode an image batch, a text batch, or image-text pairs.
 
         Args:
@@ -181,6 +193,8 @@ class MultiwayEncoder(nn.Module):
             text_ids: (B, L) token ids.
             text_padding_mask: (B, L) bool, True marks padding (torchscale's convention).
             image_mask: (B, P) bool, True marks patches to replace by the mask token.
+            text_causal: :func:`captioning_mask` (needs text): each text token sees the image and
+                the text up to itself; the image sees only itself.
         """
         if images is None and text_ids is None:
             raise ValueError("pass images, text_ids or both")
@@ -188,6 +202,8 @@ class MultiwayEncoder(nn.Module):
             raise ValueError("image_mask was given without images")
         if text_ids is None and text_padding_mask is not None:
             raise ValueError("text_padding_mask was given without text_ids")
+        if text_causal and text_ids is None:
+            raise ValueError("text_causal=True masks text attention, but no text_ids were given")
         parts, token_mask_BT = [], None
         if images is not None:
             parts.append(self.vision_embed(images, image_mask))
@@ -214,8 +230,10 @@ class MultiwayEncoder(nn.Module):
         if token_mask_BT is not None and num_vision:
             token_mask_BT = torch.cat([token_mask_BT.new_ones(x_BTD.shape[0], num_vision), token_mask_BT], dim=1)
 
+        masks = {"allowed_TT": captioning_mask(num_vision, x_BTD.shape[1] - num_vision, x_BTD.device)
+                 } if text_causal else {}
         x_BTD, aux_loss, stats = run_blocks(self.layers, x_BTD, grad_checkpointing=self.cfg.grad_checkpointing,
-                                            num_vision=num_vision, token_mask_BT=token_mask_BT)
+                                            num_vision=num_vision, token_mask_BT=token_mask_BT, **masks)
         if self.final_norm is not None:
             x_BTD = route(self.final_norm, x_BTD, num_vision)
         return ModelOutput(x_BTD, aux_loss, stats, num_vision=num_vision, token_mask=token_mask_BT)
