@@ -174,7 +174,6 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoeval
 
 @needs_java
 def test_caption_scores_on_hand_computed_cases():
-    pytest.importorskip("pycocoevalcap")
     from eval_tasks.caption_metric import caption_scores
 
     refs = {"a": ["a red round face smiling"] * 2, "b": ["the flag of the country germany"] * 2}
@@ -183,9 +182,6 @@ def test_caption_scores_on_hand_computed_cases():
     # CIDEr-D: the two images share no n-gram, so each has idf log(2) and cosine 1 at every n: 10 (x100)
     assert perfect["CIDEr"] == pytest.approx(1000, abs=1e-2)
     assert perfect["METEOR"] > 90
-    # identical captions on both images: every n-gram is in every image, idf 0, CIDEr 0
-    same = {"a": ["a red face"], "b": ["a red face"]}
-    assert caption_scores(same, {"a": "a red face", "b": "a red face"})["CIDEr"] == pytest.approx(0)
     wrong = caption_scores(refs, {"a": "flag", "b": "a face"})
     assert wrong["BLEU_4"] < 1 and wrong["CIDEr"] < perfect["CIDEr"] and wrong["METEOR"] < perfect["METEOR"]
 
