@@ -66,29 +66,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     task = load_checkpoint(args.checkpoint, device=args.device)
-    query = getattr(task, "query", "")
-    if hasattr(task, "caption"):  # captioning reads no text about the image
-        if args.question or args.captions:
-            raise ValueError(f"a {task.cfg.kind} checkpoint writes a caption; it takes no --question or --captions")
-        print(json.dumps({"caption": task.caption([args.image])[0]}, ensure_ascii=False))
-        return 0
-    if hasattr(task, "classes"):  # image classification reads no text either: it ranks its classes
-        if args.question or args.captions:
-            raise ValueError(f"a {task.cfg.kind} checkpoint classifies the image; it takes no --question or --captions")
-        if args.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-        for line in task.describe(args.image, [], args.top_k):
-            print(json.dumps(line, ensure_ascii=False))
-        return 0
-    if not query:
+    query = getattr(task, "query", None)  # the flag of the texts the task reads about the image; "": none
+    if query is None:
         raise ValueError(f"{args.checkpoint} holds a {type(task).__name__} backbone, not a fine-tuned task; "
-                         f"predict takes a VQA or retrieval checkpoint (mmoe finetune writes one)")
-    other = {"question": "captions", "captions": "question"}[query]
-    if getattr(args, other) or not getattr(args, query):
-        raise ValueError(f"a {task.cfg.kind} checkpoint takes --{query}, not --{other}")
+                         f"predict takes a fine-tuned checkpoint (mmoe finetune writes one)")
+    texts = {"question": args.question, "captions": args.captions}
+    given = [f"--{flag}" for flag, values in texts.items() if values]
+    if query and given != [f"--{query}"]:
+        raise ValueError(f"a {task.cfg.kind} checkpoint takes --{query}"
+                         + (f", not {' '.join(given)}" if given else ""))
+    if not query and given:
+        raise ValueError(f"a {task.cfg.kind} checkpoint reads the image alone; it takes no {' '.join(given)}")
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    for line in task.describe(args.image, getattr(args, query), args.top_k):
+    try:
+        lines = task.describe(args.image, texts.get(query, []), args.top_k)
+    except NotImplementedError:
+        raise ValueError(f"mmoe predict has no mode for the {task.cfg.kind} task yet; call the task's predict "
+                         f"method in Python (mm.load_checkpoint({args.checkpoint!r}))") from None
+    for line in lines:
         print(json.dumps(line, ensure_ascii=False))
     return 0
 

@@ -186,7 +186,7 @@ def test_mmoe_predict_prints_the_top_classes_of_an_image(run, tmp_path, capsys):
     best = task.predict([sample["png"]], top_k=2)[0]
     assert [c for c, _ in best] == [task.classes[i] for i in expected.indices.tolist()]
     assert main(["predict", "--checkpoint", str(run), "--image", str(image), "--question", "what?"]) == 2
-    assert "takes no --question or --captions" in capsys.readouterr().err
+    assert "reads the image alone; it takes no --question" in capsys.readouterr().err
 
 
 def unilm_imagenet(dim: int, classes: int) -> dict[str, nn.Module]:

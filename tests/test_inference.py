@@ -111,3 +111,18 @@ def test_mmoe_predict_refuses_a_pretraining_checkpoint(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(image)
     assert main(["predict", "--checkpoint", str(tmp_path), "--image", str(image), "--question", "what?"]) == 2
     assert "not a fine-tuned task" in capsys.readouterr().err
+
+
+def test_mmoe_predict_captions_an_image_and_says_which_tasks_it_has_no_mode_for(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    captioning = _saved(tmp_path / "captioning", "finetune/captioning_debug", [])
+    assert main(["predict", "--checkpoint", str(captioning), "--image", str(image)]) == 0
+    [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert set(line) == {"caption"} and isinstance(line["caption"], str)
+    assert line["caption"] == mm.load_checkpoint(captioning).caption([image])[0]
+    assert main(["predict", "--checkpoint", str(captioning), "--image", str(image), "--question", "what?"]) == 2
+    assert "reads the image alone; it takes no --question" in capsys.readouterr().err
+    nlvr2 = _saved(tmp_path / "nlvr2", "finetune/nlvr2_debug", [])
+    assert main(["predict", "--checkpoint", str(nlvr2), "--image", str(image)]) == 2
+    assert "no mode for the nlvr2 task yet" in capsys.readouterr().err
