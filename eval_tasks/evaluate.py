@@ -24,10 +24,11 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
     ``eval_shards``), per language too where the documents name theirs, and, given a JSONL of
     ``choices``, by zero-shot multiple choice. A model with routed experts also gets
     ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and ``plots/expert_usage.png``.
-    ``predict``: VQA only, the answers are the point: a label-free split (VQAv2's test-dev) is
-    predicted for the evaluation server instead of refused (see :meth:`eval_tasks.vqa.VQA.evaluate`)."""
-    if predict and cfg.task.kind != "vqa":
-        raise ValueError(f"--predict writes the answers of a split without them, for VQA's evaluation server; the "
+    ``predict``: for a task that answers label-free splits (``predicts_label_free``: VQA), a split
+    without labels (VQAv2's test-dev) is predicted for the evaluation server instead of refused
+    (see :meth:`eval_tasks.vqa.VQA.evaluate`)."""
+    if predict and not type(cfg.task).predicts_label_free:
+        raise ValueError(f"--predict writes the answers of a split without them, for an evaluation server; the "
                          f"{cfg.task.kind} task scores labelled data only: drop --predict")
     task = checkpoint.load_task(cfg)
     shards = text_shards if cfg.task.kind == "lm" and text_shards else cfg.task.eval_shards
@@ -38,7 +39,7 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
             results.update(perplexity(task.model, task.tokenizer, documents, seq_len=cfg.task.text.max_len,
                                       languages=languages))
         else:
-            results.update(task.evaluate(out_dir, progress=progress,  # only VQA takes predict
+            results.update(task.evaluate(out_dir, progress=progress,  # only tasks predicts_label_free take it
                                          **({"predict": True} if predict else {})))
     if report := usage.report():
         results["expert_usage"] = report

@@ -130,6 +130,7 @@ class VQAConfig(ImageTextFinetuneConfig):
     min_answer_count: int = 1
     head_lr_scale: float = 20.0
     unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
+    predicts_label_free: ClassVar[bool] = True  # VQAv2's test-dev, for EvalAI
 
     def check(self) -> None:
         ImageTextFinetuneConfig.check(self)

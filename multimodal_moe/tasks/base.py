@@ -111,6 +111,7 @@ class TaskConfig(Registry):
     entry_points: ClassVar[str | None] = "multimodal_moe.tasks"
     unilm_heads: ClassVar[HeadMap | None] = None  # unilm's beit3 names for the heads; None: unilm has none
     downstream: ClassVar[bool] = False  # a fine-tuned task: mm.load_checkpoint gives the task, heads and all
+    predicts_label_free: ClassVar[bool] = False  # its evaluate(predict=True) answers a split without labels
 
     def check_model(self, model: ModelConfig) -> None:
         """Raise :class:`~multimodal_moe.configurable.ConfigError` if the task cannot train ``model``."""
