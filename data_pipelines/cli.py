@@ -5,7 +5,8 @@
                      [--documents file|line|paragraph] [--text-field F] [--lang L | --lang-field F]
         image_text:  CSV/TSV, JSONL or Karpathy's dataset_coco.json / dataset_flickr30k.json
                      [--sep S] [--image-column C] [--text-column C] [--split S,...]
-        retrieval:   JSONL or Karpathy's split file [--split S,...];  image: a folder
+        retrieval:   JSONL, Karpathy's split file [--split S,...], or COCO's captions_*.json /
+                     image_info_test2014.json (label-free);  image: a folder
         classification: a folder in ImageNet's layout (<folder>/<class>/<image>)
         vqa:         JSONL, or VQAv2's questions .json [--annotations F] [--image-pattern P]
     mmoe data inspect SHARDS... [--examples N]
@@ -84,6 +85,8 @@ WRITE_SHARDS_EXAMPLES = r"""examples:
   # caption: each image's bytes are stored once per caption). --image-root holds train2014/, val2014/
   mmoe data write-shards retrieval dataset_coco.json --split test --image-root coco --out shards/coco_test
   mmoe data write-shards image_text dataset_coco.json --split train,restval --image-root coco --out shards/coco_pairs
+  # COCO's test images for the caption server (no captions: captioned by mmoe evaluate --predict)
+  mmoe data write-shards retrieval image_info_test2014.json --image-root coco/test2014 --out shards/coco_test2014
 """
 
 

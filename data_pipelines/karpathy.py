@@ -24,7 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-__all__ = ["KarpathyImage", "is_karpathy_json", "karpathy_images", "read_karpathy"]
+__all__ = ["KarpathyImage", "coco_caption_images", "is_karpathy_json", "karpathy_images", "read_coco_captions",
+           "read_karpathy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,21 @@ class KarpathyImage:
 def read_karpathy(path: str | Path) -> dict | None:
     """The parsed file if ``path`` is a ``.json`` file shaped like Karpathy's (an object whose
     ``images`` entries hold ``sentences``), else None (e.g. for JSON lines)."""
+    data = _json_object(path)
+    return data if is_karpathy_json(data) else None
+
+
+def read_coco_captions(path: str | Path) -> dict | None:
+    """The parsed file if ``path`` is a ``.json`` file shaped like COCO's caption files (an object
+    whose ``images`` entries hold ``id`` and ``file_name``), else None."""
+    data = _json_object(path)
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(images, list) and images and isinstance(images[0], dict) and {"id", "file_name"} <= set(images[0]):
+        return data
+    return None
+
+
+def _json_object(path: str | Path):
     path = Path(path)
     if path.suffix.lower() != ".json" or not path.is_file():
         return None
@@ -46,7 +62,7 @@ def read_karpathy(path: str | Path) -> dict | None:
             data = json.load(f)
     except json.JSONDecodeError:  # JSON lines, or not JSON at all: not this format
         return None
-    return data if is_karpathy_json(data) else None
+    return data
 
 
 def is_karpathy_json(data) -> bool:
@@ -103,4 +119,40 @@ def karpathy_images(path: str | Path, data: dict, image_root: str | Path | None 
         captions[image.split] += len(image.captions)
     per_split = ", ".join(f"{s} {chosen[s]} images / {captions[s]} captions" for s in wanted)
     tqdm.write(f"{path.name} ({data.get('dataset', 'Karpathy split file')}): {per_split}", file=sys.stderr)
+    return images
+
+
+def coco_caption_images(path: str | Path, data: dict, image_root: str | Path | None = None) -> list[KarpathyImage]:
+    """The images of COCO's caption files, in file order: ``captions_train2014.json`` /
+    ``captions_val2014.json`` (``images`` and ``annotations``: ``{"image_id", "caption"}``), or the
+    label-free ``image_info_test2014.json`` and NoCaps' ``nocaps_<split>_image_info.json``
+    (``images`` alone: every image without captions, to be captioned for an evaluation server).
+
+    The image is ``<image_root>/<file_name>`` (default root: the file's folder; for COCO the
+    split's folder, e.g. ``val2014/``), its id COCO's integer ``id``. Every image is checked to
+    exist before any is read, as :func:`karpathy_images` does."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    captions: dict = {}
+    for n, note in enumerate(data.get("annotations") or []):
+        if not isinstance(note, dict) or "image_id" not in note or not isinstance(note.get("caption"), str):
+            raise ValueError(f"{path}: annotations[{n}] needs image_id and a string caption, got {str(note)[:120]}")
+        captions.setdefault(note["image_id"], []).append(note["caption"].strip())
+    images = []
+    for n, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
+            raise ValueError(f"{path}: images[{n}] needs id and file_name, got {str(entry)[:120]}")
+        images.append(KarpathyImage(path=root / entry["file_name"], image_id=str(entry["id"]), split="",
+                                    captions=captions.pop(entry["id"], [])))
+    if captions:
+        raise ValueError(f"{path}: {len(captions)} annotated image ids are not among its images, e.g. "
+                         f"{next(iter(captions))!r}")
+    missing = [image.path for image in images if not image.path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(images)} images are not under {root}, e.g. "
+                                f"{missing[0]}; --image-root names the folder holding the file_name of each image")
+    labelled = sum(bool(image.captions) for image in images)
+    tqdm.write(f"{path.name} (COCO caption file): {len(images)} images, "
+               + (f"{sum(len(i.captions) for i in images)} captions" if labelled else "no captions (label-free)"),
+               file=sys.stderr)
     return images

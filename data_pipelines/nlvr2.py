@@ -28,7 +28,7 @@ import torch
 
 from .batches import Batch
 from .images import ImageTransform, decode_image
-from .processors import _field, _pad
+from .processors import _pad, sample_field
 from .shards import REQUIRED_FIELDS, safe_key
 from .skips import ID, TEXT, decode_record
 from .streams import derive_seed
@@ -51,7 +51,7 @@ NLVR2_RECORD = {"identifier": ID, "sentence": TEXT, "label": _label}
 
 def read_nlvr2_record(sample: dict) -> dict:
     """A sample's ``json`` (:data:`NLVR2_RECORD`, optional ``template``), or :class:`SkipSample`."""
-    return decode_record(_field(sample, "json"), NLVR2_RECORD, {"template": TEXT})
+    return decode_record(sample_field(sample, "json"), NLVR2_RECORD, {"template": TEXT})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -79,7 +79,7 @@ class NLVR2Processor:
     def __call__(self, sample: dict, seed: int) -> tuple:
         record = read_nlvr2_record(sample)
         ids = self.tokenizer.encode_for_model(record["sentence"], self.max_len)  # cheap, fails fast
-        left, right = (self.transform.pixels(decode_image(_field(sample, *fields), max_pixels=self.max_pixels),
+        left, right = (self.transform.pixels(decode_image(sample_field(sample, *fields), max_pixels=self.max_pixels),
                                              random.Random(derive_seed(seed, side)))
                        for side, fields in enumerate((LEFT_FIELDS, RIGHT_FIELDS)))
         return (sample["__key__"], left, right, ids, record["identifier"], record["label"],

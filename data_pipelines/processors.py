@@ -29,9 +29,9 @@ from .tokenizer import Tokenizer
 
 __all__ = ["RETRIEVAL_RECORD", "VQA_QUESTION", "ClassificationProcessor", "ImageProcessor", "ImageTextProcessor",
            "LMProcessor", "QuestionBatcher", "RetrievalProcessor", "TextProcessor", "VQAProcessor",
-           "checking_processor", "read_vqa_questions", "vqa_soft_score"]
+           "checking_processor", "read_vqa_questions", "sample_field", "vqa_soft_score"]
 
-def _field(sample: dict, *names: str) -> bytes:
+def sample_field(sample: dict, *names: str) -> bytes:
     for name in names:
         if name in sample:
             return sample[name]
@@ -59,7 +59,7 @@ class ImageProcessor:
     max_pixels: int = 64_000_000
 
     def image(self, sample: dict, seed: int) -> tuple[torch.Tensor, np.ndarray | None]:
-        image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
+        image = decode_image(sample_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
         x_3HW = self.transform.pixels(image, random.Random(seed))
         mask_P = None if self.mask is None else self.mask(np.random.default_rng(seed)).reshape(-1)
         return x_3HW, mask_P
@@ -89,7 +89,7 @@ class TextProcessor:
     mlm_ratio: float | None = TEXT_MASK_RATIO
 
     def __call__(self, sample: dict, seed: int) -> tuple:
-        return sample["__key__"], self.tokenizer.encode_for_model(_field(sample, "txt"), self.max_len)
+        return sample["__key__"], self.tokenizer.encode_for_model(sample_field(sample, "txt"), self.max_len)
 
     def text_batch(self, seqs: Sequence[Sequence[int]], seed: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor | None]:
@@ -175,7 +175,7 @@ def read_vqa_questions(sample: dict) -> list[dict]:
     ``answer_type``), in either layout of its ``json``: an image's ``{"image_id", "questions": [...]}``,
     or one question's record (the bundled shards' layout). :class:`SkipSample` if the json, or
     any of its questions, is malformed: what training, evaluation and the answer vocabulary read."""
-    record = decode_record(_field(sample, "json"), {},
+    record = decode_record(sample_field(sample, "json"), {},
                            {"questions": _questions, **VQA_QUESTION, **VQA_QUESTION_OPTIONAL})
     if "questions" in record:
         return record["questions"]
@@ -235,7 +235,7 @@ class VQAProcessor:
         questions = read_vqa_questions(sample)
         seqs = [self.tokenizer.encode_for_model(q["question"], self.max_len) for q in questions]  # cheap, fails fast
         if self.view_per_question and len(questions) > 1:
-            image = decode_image(_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
+            image = decode_image(sample_field(sample, *IMAGE_FIELDS), max_pixels=self.max_pixels)
             # question 0 keeps the sample's seed: a one-question sample is augmented as it always was
             views = [self.transform.pixels(image, random.Random(seed if q == 0 else derive_seed(seed, q)))
                      for q in range(len(questions))]
@@ -276,7 +276,7 @@ class RetrievalProcessor:
         self._image = ImageProcessor(self.transform, max_pixels=self.max_pixels)
 
     def __call__(self, sample: dict, seed: int) -> tuple:
-        record = decode_record(_field(sample, "json"), RETRIEVAL_RECORD)
+        record = decode_record(sample_field(sample, "json"), RETRIEVAL_RECORD)
         # training draws among the captions with a token (a first piece is enough to know)
         captions = [c for c in record["captions"] if self.tokenizer.encode_prefix(c, 1)]
         if not captions:
@@ -325,7 +325,7 @@ class ClassificationProcessor:
     def label(self, sample: dict) -> int:
         """The sample's class index (:class:`SkipSample` if it has none that fits)."""
         if "json" not in sample and "cls" not in sample:
-            _field(sample, "cls", "json")
+            sample_field(sample, "cls", "json")
         count = None if self.classes is None else len(self.classes)
         if "json" not in sample:
             return _class_index(sample["cls"], count)
@@ -357,7 +357,7 @@ class LMProcessor:
     seq_len: int = 256
 
     def __call__(self, sample: dict, seed: int) -> list[int]:
-        ids = self.tokenizer.encode(decode_text(_field(sample, "txt")))
+        ids = self.tokenizer.encode(decode_text(sample_field(sample, "txt")))
         if not ids:
             raise SkipSample("empty_text", "no tokens")
         return [*ids, self.tokenizer.eos_id]

@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from .karpathy import karpathy_images, read_karpathy
+from .karpathy import coco_caption_images, karpathy_images, read_coco_captions, read_karpathy
 from .nlvr2 import nlvr2_source
 from .shards import safe_key
 from .text_sources import text_documents
@@ -250,11 +250,16 @@ def vqa_source(path: str | Path, image_root: str | Path | None = None, *, annota
 def retrieval_records(path: str | Path, image_root: str | Path | None = None, *,
                       splits: str | list[str] | None = None) -> Iterator[Sample]:
     """Retrieval records (JSONL): ``image``, ``captions`` (a list), optional ``image_id``; or one
-    record per image of Karpathy's split file, of the Karpathy ``splits`` (default: all)."""
+    record per image of Karpathy's split file, of the Karpathy ``splits`` (default: all); or of
+    COCO's caption files (:func:`~data_pipelines.karpathy.coco_caption_images`; the label-free ones
+    write images with no captions, which captioning predicts with ``mmoe evaluate --predict``)."""
     path = Path(path)
     karpathy = _karpathy(path, splits)
-    if karpathy is not None:
-        for image in karpathy_images(path, karpathy, image_root, splits):
+    coco = read_coco_captions(path) if karpathy is None else None
+    if karpathy is not None or coco is not None:
+        images = karpathy_images(path, karpathy, image_root, splits) if coco is None else \
+            coco_caption_images(path, coco, image_root)
+        for image in images:
             yield safe_key(image.image_id), {**image_field(image.path),
                                              "json": {"image_id": image.image_id, "captions": image.captions}}
         return
@@ -277,8 +282,9 @@ SOURCES = {
     "text": (text_documents, ".txt / .jsonl files (optionally .gz / .zst) and folders of them"),
     "vqa": (vqa_source, "VQAv2's v2_OpenEnded_mscoco_<split>_questions.json (with --annotations), or a JSONL "
                         "file of VQA records"),
-    "retrieval": (retrieval_records, "a JSONL file of retrieval records, or Karpathy's dataset_coco.json / "
-                                     "dataset_flickr30k.json"),
+    "retrieval": (retrieval_records, "a JSONL file of retrieval records, Karpathy's dataset_coco.json / "
+                                     "dataset_flickr30k.json, or COCO's captions_<split>2014.json / "
+                                     "image_info_test2014.json (label-free; NoCaps' image_info too)"),
     "classification": (classification_folder, "a folder with one subfolder of images per class (ImageNet's train/ "
                                               "or val/ layout; classes sorted by name, as torchvision's ImageFolder)"),
     "nlvr2": (nlvr2_source, "NLVR2's train.json / dev.json / test1.json (JSON lines; --image-root holds the pairs' "

@@ -45,15 +45,17 @@ from torch import nn
 
 from data_pipelines.batches import RetrievalBatch
 from data_pipelines.paths import data_path
-from data_pipelines.processors import RetrievalProcessor
+from data_pipelines.processors import RETRIEVAL_RECORD, RetrievalProcessor, sample_field
+from data_pipelines.skips import decode_record
 from data_pipelines.streams import ShardStream, StreamLoader
 from data_pipelines.text import IGNORE_INDEX, mask_tokens
 from multimodal_moe.configurable import ConfigError, config
+from multimodal_moe.distributed.env import current
 from multimodal_moe.models.beit3_weights import HeadMap, check_shapes
 from multimodal_moe.tasks.base import TaskConfig, TaskOutput
 from multimodal_moe.tasks.stream_config import TextStreamConfig, TokenizerConfig
 
-from .caption_metric import SKIPPED_SCORERS, caption_scores
+from .caption_metric import SKIPPED_SCORERS, caption_scores_of_sets
 from .finetune import ImageInput, ImageTextFinetune, ImageTextFinetuneConfig, gather_counts, gather_lists, is_main_rank
 
 __all__ = ["Captioning", "CaptioningConfig", "beam_search", "greedy_search", "smoothed_cross_entropy"]
@@ -136,10 +138,14 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 class CaptionBatch(RetrievalBatch):
     """A :class:`RetrievalBatch` with, in training, the corrupted captions ``input_ids_NL`` and
     their ``labels_NL`` (-100 where nothing is predicted) and, in evaluation, every image's
-    reference captions as written."""
+    reference captions as written. :meth:`Captioning.prepare_step` adds the predicted positions
+    (``chosen_M``, flat indices into N x L), their ``targets_M`` and the batch's ``loss_weight``."""
     input_ids_NL: torch.Tensor | None = None
     labels_NL: torch.Tensor | None = None
     references: list[list[str]] = dataclasses.field(default_factory=list)
+    chosen_M: torch.Tensor | None = None
+    targets_M: torch.Tensor | None = None
+    loss_weight: float = 1.0
 
 
 @dataclasses.dataclass
@@ -149,10 +155,21 @@ class CaptioningProcessor(RetrievalProcessor):
     mask_ratio: float | None = None
 
     def __call__(self, sample: dict, seed: int) -> tuple:
-        item = super().__call__(sample, seed)
-        return (*item, json.loads(sample["json"])["captions"] if self.all_captions else [])
+        if not self.all_captions:  # training: one caption drawn, tokenized
+            return (*super().__call__(sample, seed), [])
+        # evaluation decodes from the image alone: the captions are references as written, and a
+        # label-free split (COCO's test2014, NoCaps) has none
+        record = decode_record(sample_field(sample, "json"), RETRIEVAL_RECORD)
+        x_3HW, _ = self._image.image(sample, seed)
+        return sample["__key__"], x_3HW, str(record["image_id"]), [], record["captions"]
 
     def collate(self, items: list, seed: int) -> CaptionBatch:
+        if self.all_captions:
+            keys, images, image_ids, _, references = zip(*items)
+            return CaptionBatch(keys=list(keys), images_B3HW=self._image.stack(images), image_ids=list(image_ids),
+                                text_ids_NL=torch.zeros(0, 0, dtype=torch.long),
+                                padding_mask_NL=torch.zeros(0, 0, dtype=torch.bool),
+                                caption_image_N=torch.zeros(0, dtype=torch.long), references=list(references))
         batch = super().collate([item[:4] for item in items], seed)
         fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
         if self.mask_ratio is not None:
@@ -184,6 +201,13 @@ class CaptioningConfig(ImageTextFinetuneConfig):
     num_beams: int = 3
     length_penalty: float = 0.6
     unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
+    predicts_label_free: ClassVar[bool] = True  # COCO's test2014 and NoCaps, for their evaluation servers
+
+    @staticmethod
+    def headline(results: dict[str, Any]) -> tuple[str, float, dict[str, float]]:
+        base = results["baselines"]
+        return "captioning CIDEr", results["CIDEr"], {"nearest train image": base["nearest_train_image"]["CIDEr"],
+                                                      "most frequent caption": base["most_frequent_caption"]["CIDEr"]}
 
     def check(self) -> None:
         ImageTextFinetuneConfig.check(self)
@@ -227,16 +251,31 @@ class Captioning(ImageTextFinetune):
         if batch.labels_NL is None or batch.caption_image_N.shape[0] != len(batch):
             raise ValueError("training batches pair each image with one masked caption (CaptioningProcessor with "
                              "all_captions=False and a mask_ratio)")
+        if batch.chosen_M is None:  # not through prepare_step (which the trainer calls): read here, a host sync
+            batch = self.prepare_step([batch])[0]
         out = self.model(images=batch.images_B3HW, text_ids=batch.input_ids_NL,
                          text_padding_mask=batch.padding_mask_NL, text_causal=True)
-        chosen_NL = batch.labels_NL != IGNORE_INDEX
-        logits_MV = self.mlm_head(out.hidden[:, out.num_vision:][chosen_NL]).float()
-        targets_M = batch.labels_NL[chosen_NL]
-        loss = smoothed_cross_entropy(logits_MV, targets_M, self.cfg.label_smoothing)
-        accuracy = (logits_MV.argmax(-1) == targets_M).float().mean()
-        return TaskOutput(loss + out.aux_loss, {"caption_loss": loss.detach(), "masked_accuracy": accuracy.detach(),
-                                                "aux_loss": out.aux_loss.detach()},
-                          samples=len(batch), tokens=out.token_mask.sum(), moe_stats=[out.moe_stats])
+        logits_MV = self.mlm_head(out.hidden[:, out.num_vision:].flatten(0, 1).index_select(0, batch.chosen_M)).float()
+        loss = smoothed_cross_entropy(logits_MV, batch.targets_M, self.cfg.label_smoothing)
+        accuracy = (logits_MV.argmax(-1) == batch.targets_M).float().mean()
+        parts = {"caption_loss": loss.detach(), "masked_accuracy": accuracy.detach(), "aux_loss": out.aux_loss.detach()}
+        return TaskOutput(batch.loss_weight * loss + out.aux_loss, parts, samples=len(batch),
+                          tokens=out.token_mask.sum(), moe_stats=[out.moe_stats])
+
+    def prepare_step(self, micro_batches: list[CaptionBatch]) -> list[CaptionBatch]:
+        """Each micro-batch with its predicted positions and their labels read on the host (before
+        the copy to the device, so the step makes no host sync), and the loss weight that makes
+        the update's loss the mean over the predicted tokens of all its micro-batches on all ranks:
+        this micro-batch's share of them, times the micro-batches and ranks that the trainer and
+        DDP average over (exactly 1 in one process with one micro-batch)."""
+        chosen = [(b.labels_NL != IGNORE_INDEX).flatten().nonzero()[:, 0] for b in micro_batches]
+        total = torch.tensor([float(sum(len(c) for c in chosen))], dtype=torch.float64)
+        env = current()
+        env.sum_(total)  # a CPU tensor: the process group always has gloo for it
+        scale, total = env.world * len(micro_batches), float(total)
+        return [dataclasses.replace(b, chosen_M=c, targets_M=b.labels_NL.flatten()[c],
+                                    loss_weight=len(c) * scale / total if total else 0.0)
+                for b, c in zip(micro_batches, chosen)]
 
     # -- decoding --
 
@@ -274,8 +313,8 @@ class Captioning(ImageTextFinetune):
         finally:
             self.train(was_training)
 
-    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
-        return [{"caption": self.caption([image])[0]}]
+    def describe(self, images: Sequence[ImageInput], texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        return [{"caption": self.caption(images)[0]}]
 
     def processor(self, train: bool) -> CaptioningProcessor:
         return CaptioningProcessor(self.tokenizer, self.transform(train), self.cfg.train.max_len,
@@ -284,11 +323,15 @@ class Captioning(ImageTextFinetune):
     # -- evaluation --
 
     @torch.no_grad()
-    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:
+    def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False,
+                 predict: bool = False) -> dict[str, Any]:
         """COCO caption metrics of the decoded captions of ``eval_shards`` against all their
         references, with two baselines (the most frequent caption of the nearest training image
         by pixels; the most frequent training caption); to ``out_dir`` (rank 0) the captions in
-        COCO's results format, ``caption_predictions.json`` (``[{"image_id", "caption"}]``)."""
+        COCO's results format, ``caption_predictions.json`` (``[{"image_id", "caption"}]``; ids of
+        digits, as COCO's, as integers). A label-free split (images without captions: COCO's
+        test2014, NoCaps' test) has no scores; it is only captioned, and only with
+        ``predict=True`` (``mmoe evaluate --predict``)."""
         self.eval()
         image_ids, captions, references, pixels, skipped = [], [], [], [], Counter()
         for batch in self.eval_batches(num_workers, skipped, progress):
@@ -301,16 +344,30 @@ class Captioning(ImageTextFinetune):
         image_ids, captions, references, pixels = gather_lists(image_ids, captions, references, pixels)
         unique = {i: n for n, i in reversed(list(enumerate(image_ids)))}  # the first row of each image
         refs = {i: references[n] for i, n in unique.items()}
-        report: dict[str, Any] = caption_scores(refs, {i: captions[n] for i, n in unique.items()})
-        nearest, frequent = self._baselines(torch.stack([pixels[n] for n in unique.values()]))
-        report.update(images=len(refs), references=sum(map(len, refs.values())),
-                      baselines={"nearest_train_image": caption_scores(refs, dict(zip(refs, nearest))),
-                                 "most_frequent_caption": caption_scores(refs, dict.fromkeys(refs, frequent))},
-                      skipped_scorers=dict(SKIPPED_SCORERS), skipped_samples=gather_counts(skipped))
+        unlabelled = sum(not r for r in refs.values())
+        if 0 < unlabelled < len(refs):
+            raise ValueError(f"{unlabelled} of the {len(refs)} images of {list(self.cfg.eval_shards)} have no captions:"
+                             " a split is either labelled or label-free (a test split), not both")
+        if unlabelled and not predict:
+            raise ValueError(f"{list(self.cfg.eval_shards)} holds images without captions (a test split such as "
+                             f"COCO's test2014): there is nothing to score; pass --predict (evaluate(predict=True)) "
+                             f"to write their captions, {PREDICTIONS_FILE}")
+        if unlabelled:
+            report: dict[str, Any] = {"images": len(refs), "label_free": True, "predictions": PREDICTIONS_FILE}
+        else:
+            nearest, frequent = self._baselines(torch.stack([pixels[n] for n in unique.values()]))
+            scores = caption_scores_of_sets(refs, {"model": {i: captions[n] for i, n in unique.items()},
+                                                   "nearest_train_image": dict(zip(refs, nearest)),
+                                                   "most_frequent_caption": dict.fromkeys(refs, frequent)})
+            report = scores.pop("model")
+            report.update(images=len(refs), references=sum(map(len, refs.values())), baselines=scores,
+                          skipped_scorers=dict(SKIPPED_SCORERS))
+        report["skipped_samples"] = gather_counts(skipped)
         if out_dir is not None and is_main_rank():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / PREDICTIONS_FILE).write_text(json.dumps(
-                [{"image_id": i, "caption": captions[n]} for i, n in unique.items()], ensure_ascii=False))
+                [{"image_id": int(i) if i.isdigit() else i, "caption": captions[n]} for i, n in unique.items()],
+                ensure_ascii=False))
         return report
 
     def _baselines(self, eval_pixels_ID: torch.Tensor) -> tuple[list[str], str]:

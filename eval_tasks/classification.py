@@ -107,6 +107,12 @@ class ClassificationConfig(FinetuneConfig):
     eval_crop_pct: float = 1.0
     unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
 
+    @staticmethod
+    def headline(results: dict[str, Any]) -> tuple[str, float, dict[str, float]]:
+        base = results["baselines"]
+        return "classification top-1", results["top1"], {"majority class": base["majority_top1"],
+                                                         "chance": base["chance_top1"]}
+
     def check(self) -> None:
         FinetuneConfig.check(self)
         if len(set(self.classes)) != len(self.classes):
@@ -274,8 +280,8 @@ class Classification(Finetune):
         return [[(self.classes[i], round(p, 4)) for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices.tolist(), probabilities.tolist())]
 
-    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
-        return [{"classes": [{"class": c, "probability": p} for c, p in self.predict([image], top_k=top_k)[0]]}]
+    def describe(self, images: Sequence[ImageInput], texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        return [{"classes": [{"class": c, "probability": p} for c, p in self.predict(images, top_k=top_k)[0]]}]
 
     @torch.no_grad()
     def evaluate(self, out_dir: Path | None = None, *, num_workers: int = 0, progress: bool = False) -> dict[str, Any]:

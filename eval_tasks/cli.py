@@ -23,7 +23,7 @@ from multimodal_moe.cli import RESUME, run_dir_of, train_into
 from multimodal_moe.training import Checkpoint
 
 from .beit3_convert import ConversionError, from_beit3, to_beit3
-from .demo import run_demo, table
+from .demo import TASKS, run_demo, table
 from .evaluate import evaluate_checkpoint
 
 __all__ = ["add_parsers"]
@@ -70,7 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if query is None:
         raise ValueError(f"{args.checkpoint} holds a {type(task).__name__} backbone, not a fine-tuned task; "
                          f"predict takes a fine-tuned checkpoint (mmoe finetune writes one)")
-    texts = {"question": args.question, "captions": args.captions}
+    texts = {"question": args.question, "captions": args.captions, "statement": args.statement}
     given = [f"--{flag}" for flag, values in texts.items() if values]
     if query and given != [f"--{query}"]:
         raise ValueError(f"a {task.cfg.kind} checkpoint takes --{query}"
@@ -79,6 +79,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"a {task.cfg.kind} checkpoint reads the image alone; it takes no {' '.join(given)}")
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if len(args.image) != task.images_read:
+        raise ValueError(f"a {task.cfg.kind} checkpoint reads {task.images_read} image"
+                         f"{'s (--image LEFT --image RIGHT)' if task.images_read > 1 else ''}; got {len(args.image)}")
     try:
         lines = task.describe(args.image, texts.get(query, []), args.top_k)
     except NotImplementedError:
@@ -91,9 +94,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"demo: pretrain, fine-tune VQA and retrieval, evaluate -> {run_dir}", file=sys.stderr)
-    results = run_demo(run_dir, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                       progress=not args.no_progress)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    print(f"demo: pretrain, fine-tune {', '.join(tasks)}{'' if args.no_random_init else ' (and from random weights)'},"
+          f" evaluate -> {run_dir}", file=sys.stderr)
+    results = run_demo(run_dir, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, tasks=tasks,
+                       random_init=not args.no_random_init, progress=not args.no_progress)
     print(table(results))
     return 0
 
@@ -139,25 +144,32 @@ def add_parsers(sub: argparse._SubParsersAction, converts: argparse._SubParsersA
                           help="LM: held-out text shards for perplexity (default: the config's task.eval_shards)")
     evaluate.add_argument("--choices", default=None,
                           help='LM: a JSONL of {"context", "choices", "label"} for zero-shot multiple choice')
-    evaluate.add_argument("--predict", action="store_true", help="VQA: also a split without answers (VQAv2 test-dev): "
-                                                                 "vqa_predictions.json for EvalAI, no accuracy")
+    evaluate.add_argument("--predict", action="store_true",
+                          help="VQA, captioning: also a split without labels (VQAv2 test-dev, COCO test2014): the "
+                               "evaluation server's file (vqa_predictions.json, caption_predictions.json), no scores")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    predict = sub.add_parser("predict", help="answer questions about an image (VQA) or rank captions for it "
-                                             "(retrieval) with a fine-tuned checkpoint; one JSON line each")
-    predict.add_argument("--checkpoint", required=True, help="a fine-tuned VQA or retrieval run or checkpoint")
-    predict.add_argument("--image", required=True, help="an image file (JPEG, PNG, WebP, GIF, BMP or TIFF)")
+    predict = sub.add_parser("predict", help="with a fine-tuned checkpoint: answer questions about an image (VQA), "
+                                             "rank captions for it (retrieval), caption or classify it, or judge "
+                                             "statements about a pair (NLVR2); one JSON line each")
+    predict.add_argument("--checkpoint", required=True, help="a fine-tuned run or checkpoint")
+    predict.add_argument("--image", required=True, action="append",
+                         help="an image file (JPEG, PNG, WebP, GIF, BMP or TIFF); NLVR2: twice, left then right")
     predict.add_argument("--question", action="append", default=[], help="VQA: a question (repeatable)")
     predict.add_argument("--captions", nargs="+", default=[], help="retrieval: the captions to rank")
+    predict.add_argument("--statement", action="append", default=[], help="NLVR2: a statement (repeatable)")
     predict.add_argument("--top-k", type=int, default=5, help="answers per question / captions / classes shown")
     predict.add_argument("--device", default="cpu")
     predict.set_defaults(run=cmd_predict)
 
-    demo = sub.add_parser("demo", help="pretrain -> fine-tune VQA and retrieval -> evaluate, on the bundled data")
+    demo = sub.add_parser("demo", help="pretrain -> fine-tune the five downstream tasks -> evaluate, on the bundled "
+                                       "data")
     demo.add_argument("--run-dir", default=None, help="output folder (default: runs/demo-<time>)")
     demo.add_argument("--pretrain-steps", type=int, default=2000)
-    demo.add_argument("--finetune-steps", type=int, default=1500, help="for each of VQA and retrieval")
+    demo.add_argument("--finetune-steps", type=int, default=1000, help="for each task's run")
+    demo.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
+    demo.add_argument("--no-random-init", action="store_true", help="skip the fine-tuning runs from random weights")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=cmd_demo)
 

@@ -2,19 +2,22 @@
 
 1. pretrain the default preset (``configs/pretrain/debug.yaml``: BEiT-3 masked data modeling of
    a debug-size Multiway encoder with an X-MoE layer);
-2. fine-tune VQA (``configs/finetune/vqa_debug.yaml``) and image-text retrieval
-   (``configs/finetune/retrieval_debug.yaml``) from that checkpoint;
-3. evaluate both on the held-out splits and print them next to their baselines (majority
-   answer and chance for VQA, a random ranking for retrieval).
+2. fine-tune each of BEiT-3's five downstream tasks (:data:`TASKS`: VQA, NLVR2, retrieval,
+   captioning, classification; their ``configs/finetune/*_debug.yaml`` presets) from that
+   checkpoint, and again from random weights (``--no-random-init`` skips these);
+3. evaluate each on its held-out split and print one table: each task's headline metric
+   (``TaskConfig.headline``) from the pretrained and the random start, beside its baselines.
 
-Everything lands in one run directory: ``pretrain/``, ``vqa/``, ``retrieval/`` (each a run dir
-with its checkpoints, metrics and ``results.json``) and ``demo.json`` with the table's numbers.
+Everything lands in one run directory: ``pretrain/``, ``<task>/`` and ``<task>_random_init/`` (each
+a run dir with its checkpoints, metrics and ``results.json``) and ``demo.json`` with the table's
+numbers and the seconds each stage took.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from multimodal_moe import load_config
@@ -22,9 +25,12 @@ from multimodal_moe.training import Checkpoint, train
 
 from .evaluate import evaluate_checkpoint
 
-__all__ = ["run_demo"]
+__all__ = ["TASKS", "run_demo", "table"]
 
-PRETRAIN, VQA, RETRIEVAL = "pretrain/debug", "finetune/vqa_debug", "finetune/retrieval_debug"
+PRETRAIN = "pretrain/debug"
+TASKS = {"vqa": "finetune/vqa_debug", "nlvr2": "finetune/nlvr2_debug", "retrieval": "finetune/retrieval_debug",
+         "captioning": "finetune/captioning_debug", "classification": "finetune/classification_debug"}
+RANDOM_INIT = "_random_init"  # the suffix of a task's run from random weights
 
 
 def _schedule(steps: int) -> list[str]:
@@ -33,16 +39,21 @@ def _schedule(steps: int) -> list[str]:
             f"train.log_every={min(10, steps)}"]
 
 
-def _finetune(preset: str, init: Path, run_dir: Path, steps: int, progress: bool, extra: list[str]) -> dict:
+def _finetune(preset: str, init: Path | None, run_dir: Path, steps: int, progress: bool, extra: list[str]) -> dict:
     train(load_config(preset, [*_schedule(steps), *extra]), run_dir, progress=progress, init=init)
     trained = Checkpoint.open(run_dir)
     return evaluate_checkpoint(trained, trained.config, run_dir, progress=progress)
 
 
-def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps: int = 1500, progress: bool = True,
+def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps: int = 1000,
+             tasks: Sequence[str] = tuple(TASKS), random_init: bool = True, progress: bool = True,
              num_workers: int = 2) -> dict:
-    """Pretrain, fine-tune VQA and retrieval, evaluate; returns (and writes to ``demo.json``)
-    the results with their baselines and the seconds each stage took."""
+    """Pretrain, fine-tune each of ``tasks`` from the pretrained weights (and, with
+    ``random_init``, from random ones), evaluate; returns (and writes to ``demo.json``) the
+    results, the table's rows and the seconds each stage took."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown demo tasks {unknown or list(tasks)}; choose among {', '.join(TASKS)}")
     run_dir = Path(run_dir)
     workers = [f"train.num_workers={num_workers}"]
     seconds = {}
@@ -50,28 +61,31 @@ def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps:
     cfg = load_config(PRETRAIN, [*_schedule(pretrain_steps), *workers])
     pretrain = train(cfg, run_dir / "pretrain", progress=progress)
     seconds["pretrain"] = time.perf_counter() - start
-    init = run_dir / "pretrain"
-    out = {"pretrain_loss": [pretrain.records[0]["loss"], pretrain.records[-1]["loss"]]}
-    for name, preset in (("vqa", VQA), ("retrieval", RETRIEVAL)):
-        start = time.perf_counter()
-        out[name] = _finetune(preset, init, run_dir / name, finetune_steps, progress, workers)
-        seconds[name] = time.perf_counter() - start
+    out: dict = {"pretrain_loss": [pretrain.records[0]["loss"], pretrain.records[-1]["loss"]],
+                 "finetune_steps": finetune_steps, "rows": []}
+    for name in tasks:
+        starts = {name: run_dir / "pretrain"} | ({name + RANDOM_INIT: None} if random_init else {})
+        for run, init in starts.items():
+            start = time.perf_counter()
+            out[run] = _finetune(TASKS[name], init, run_dir / run, finetune_steps, progress, workers)
+            seconds[run] = time.perf_counter() - start
+        metric, value, baselines = load_config(TASKS[name]).task.headline(out[name])
+        random_value = load_config(TASKS[name]).task.headline(out[name + RANDOM_INIT])[1] if random_init else None
+        out["rows"].append({"task": name, "metric": metric, "pretrained": value, "random_init": random_value,
+                            "baselines": baselines})
     out["seconds"] = seconds
     (run_dir / "demo.json").write_text(json.dumps(out, indent=1))
     return out
 
 
 def table(results: dict) -> str:
-    """The demo's results next to their baselines, as text."""
-    vqa, ret = results["vqa"], results["retrieval"]
-    chance = ret["baselines"]["chance"]
-    rows = [("VQA accuracy", vqa["vqa_accuracy"], vqa["baselines"]["majority_vqa_accuracy"],
-             vqa["baselines"]["chance_vqa_accuracy"])]
-    rows += [(f"retrieval {k}", ret[k], None, chance[k]) for k in ("i2t_r1", "i2t_r10", "t2i_r1", "t2i_r10", "r_mean")]
-    lines = [f"{'metric':<22}{'model':>8}{'majority':>10}{'chance':>8}"]
-    for name, model, majority, rand in rows:
-        lines.append(f"{name:<22}{model:>8.1f}{'' if majority is None else f'{majority:.1f}':>10}{rand:>8.1f}")
+    """The demo's headline metrics next to their baselines, as a Markdown table."""
+    lines = ["| metric | pretrained | random init | baselines |", "|---|---|---|---|"]
+    for row in results["rows"]:
+        random_init = "" if row["random_init"] is None else f"{row['random_init']:.1f}"
+        baselines = ", ".join(f"{name} {value:.1f}" for name, value in row["baselines"].items())
+        lines.append(f"| {row['metric']} | {row['pretrained']:.1f} | {random_init} | {baselines} |")
     loss = results["pretrain_loss"]
-    lines.append(f"(pretraining loss {loss[0]:.2f} -> {loss[1]:.2f}; minutes: "
-                 + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["seconds"].items()) + ")")
+    lines.append(f"\n(pretraining loss {loss[0]:.2f} -> {loss[1]:.2f}; {results['finetune_steps']} fine-tuning steps "
+                 "per run; minutes: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["seconds"].items()) + ")")
     return "\n".join(lines)

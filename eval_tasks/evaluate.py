@@ -24,9 +24,9 @@ def evaluate_checkpoint(checkpoint: Checkpoint, cfg: Config, out_dir: Path, *, p
     ``eval_shards``), per language too where the documents name theirs, and, given a JSONL of
     ``choices``, by zero-shot multiple choice. A model with routed experts also gets
     ``expert_usage`` over the held-out data (:mod:`.expert_usage`) and ``plots/expert_usage.png``.
-    ``predict``: for a task that answers label-free splits (``predicts_label_free``: VQA), a split
-    without labels (VQAv2's test-dev) is predicted for the evaluation server instead of refused
-    (see :meth:`eval_tasks.vqa.VQA.evaluate`)."""
+    ``predict``: for a task that answers label-free splits (``predicts_label_free``: VQA and
+    captioning), a split without labels (VQAv2's test-dev, COCO's test2014) is predicted for the
+    evaluation server instead of refused (see :meth:`eval_tasks.vqa.VQA.evaluate`)."""
     if predict and not type(cfg.task).predicts_label_free:
         raise ValueError(f"--predict writes the answers of a split without them, for an evaluation server; the "
                          f"{cfg.task.kind} task scores labelled data only: drop --predict")

@@ -114,6 +114,7 @@ class Finetune(Task):
     # -- inference: what ``mmoe predict`` and ``mm.load_checkpoint(...)`` users call --
 
     query: ClassVar[str] = ""  # the ``mmoe predict`` flag of the texts this task reads about an image ("": none)
+    images_read: ClassVar[int] = 1  # the images one prediction reads (``mmoe predict --image``, once each)
 
     def pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, 3, S, S) on the task's device: each image decoded (alpha on white, as training
@@ -133,8 +134,9 @@ class Finetune(Task):
                 raise ValueError(f"{what}: {e.detail or e.reason}") from None
         return transform.normalize(torch.stack(decoded)).to(self._device())
 
-    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
-        """What ``mmoe predict`` prints for one image and its ``--<query>`` texts, one JSON object each."""
+    def describe(self, images: Sequence[ImageInput], texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        """What ``mmoe predict`` prints for its ``images`` (:attr:`images_read` of them) and its
+        ``--<query>`` texts, one JSON object each."""
         raise NotImplementedError
 
     def _device(self) -> torch.device:

@@ -100,6 +100,12 @@ class NLVR2Config(ImageTextFinetuneConfig):
     eval_shards: tuple[str, ...] = ("bundled:nlvr2/val",)
     unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
 
+    @staticmethod
+    def headline(results: dict[str, Any]) -> tuple[str, float, dict[str, float]]:
+        base = results["baselines"]
+        return "NLVR2 accuracy", results["accuracy"], {"majority label": base["majority_accuracy"],
+                                                       "chance": base["chance_accuracy"]}
+
     def build(self, model: nn.Module) -> NLVR2:
         return NLVR2(self, model)
 
@@ -122,6 +128,9 @@ class NLVR2Config(ImageTextFinetuneConfig):
 
 class NLVR2(ImageTextFinetune):
     """The ``nlvr2`` task: :class:`TwoLayerMLP` over both images' joint encodings with the statement."""
+
+    query: ClassVar[str] = "statement"
+    images_read: ClassVar[int] = 2  # the left and the right image
 
     def __init__(self, cfg: NLVR2Config, model: nn.Module):
         super().__init__(cfg, model)
@@ -157,6 +166,11 @@ class NLVR2(ImageTextFinetune):
         logits_B2, _ = self.pair_logits(self.pixels(left_images), self.pixels(right_images),
                                         *self.token_ids(statements))
         return [round(p, 4) for p in logits_B2.softmax(-1)[:, 1].tolist()]
+
+    def describe(self, images: Sequence[ImageInput], texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        left, right = images
+        return [{"statement": s, "prediction": p >= 0.5, "p_true": p}
+                for s, p in zip(texts, self.predict([left], [right], texts))]
 
     def forward(self, batch: NLVR2Batch) -> TaskOutput:
         logits_B2, out = self.logits(batch)

@@ -102,6 +102,10 @@ class RetrievalConfig(ImageTextFinetuneConfig):
     embed_dim: int | None = None
     unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
 
+    @staticmethod
+    def headline(results: dict[str, Any]) -> tuple[str, float, dict[str, float]]:
+        return "retrieval mean recall", results["r_mean"], {"chance": results["baselines"]["chance"]["r_mean"]}
+
     def check(self) -> None:
         ImageTextFinetuneConfig.check(self)
         if self.embed_dim is not None and self.embed_dim < 1:
@@ -161,7 +165,8 @@ class Retrieval(ImageTextFinetune):
         similarity = (self.encode_image([image]) @ self.encode_text(captions).t())[0].tolist()
         return sorted(((c, round(s, 4)) for c, s in zip(captions, similarity)), key=lambda cs: -cs[1])
 
-    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+    def describe(self, images: Sequence[ImageInput], texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+        [image] = images
         return [{"rank": r, "caption": c, "score": s} for r, (c, s) in enumerate(self.rank(image, texts)[:top_k], 1)]
 
     def forward(self, batch: RetrievalBatch) -> TaskOutput:

@@ -132,6 +132,12 @@ class VQAConfig(ImageTextFinetuneConfig):
     unilm_heads: ClassVar[HeadMap] = UNILM_HEADS
     predicts_label_free: ClassVar[bool] = True  # VQAv2's test-dev, for EvalAI
 
+    @staticmethod
+    def headline(results: dict[str, Any]) -> tuple[str, float, dict[str, float]]:
+        base = results["baselines"]
+        return "VQA accuracy", results["vqa_accuracy"], {"majority answer": base["majority_vqa_accuracy"],
+                                                         "chance": base["chance_vqa_accuracy"]}
+
     def check(self) -> None:
         ImageTextFinetuneConfig.check(self)
         if self.min_answer_count < 1:
@@ -236,9 +242,9 @@ class VQA(ImageTextFinetune):
         return [[(self.answers[i], round(p, 4)) for i, p in zip(row_i, row_p)]
                 for row_i, row_p in zip(indices.tolist(), scores.tolist())]
 
-    def describe(self, image: ImageInput, texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+    def describe(self, images: Sequence[ImageInput], texts: Sequence[str], top_k: int) -> list[dict[str, Any]]:
         return [{"question": q, "answers": [{"answer": a, "score": p} for a, p in best]}
-                for q, best in zip(texts, self.predict([image], texts, top_k=top_k))]
+                for q, best in zip(texts, self.predict(images, texts, top_k=top_k))]
 
     def forward(self, batch: VQABatch) -> TaskOutput:
         logits_BA, out = self.logits(batch)

@@ -149,3 +149,17 @@ def test_the_process_group_check_wants_one_process(monkeypatch, capsys, tmp_path
     with pytest.raises(SystemExit):
         process_group.main(["--device", "cpu", "--out", str(tmp_path / "never.json")])
     assert "WORLD_SIZE is 2" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
+
+
+def test_profile_step_reports_where_a_step_goes_on_a_cpu(tmp_path):
+    from multimodal_moe.bench_gpu.profile import main as profile_main
+
+    out = tmp_path / "profile.json"
+    assert profile_main(["--device", "cpu", "--presets", "lm/debug,nope", "--batches", "2", "--steps", "1", "--top",
+                         "3", "--out", str(out)]) == 0
+    ok, bad = json.loads(out.read_text())
+    assert (ok["preset"], ok["batch"], ok["tokens_per_step"]) == ("lm/debug", 2, 2 * 64)
+    assert ok["seconds_per_step"] > 0 and ok["tokens_per_s"] > 0
+    assert ok["host_syncs_per_step"] is None and ok["top_device_ops"] == []  # CUDA counts, on a GPU only
+    assert len(ok["top_cpu_ops"]) == 3 and all(op["calls"] >= 1 for op in ok["top_cpu_ops"])
+    assert bad["preset"] == "nope" and "error" in bad  # one preset's failure does not lose the others

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,9 @@ from torch import nn
 
 import multimodal_moe as mm
 from eval_tasks.beit3_convert import from_beit3, to_beit3
+from eval_tasks.caption_metric import METRICS
 from eval_tasks.captioning import beam_search, greedy_search, smoothed_cross_entropy
+from multimodal_moe.cli import main
 from multimodal_moe.layers.attention import attend
 from multimodal_moe.layers.multiway import route
 from multimodal_moe.models.multiway_encoder import captioning_mask
@@ -174,16 +179,24 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoeval
 
 @needs_java
 def test_caption_scores_on_hand_computed_cases():
-    from eval_tasks.caption_metric import caption_scores
+    from eval_tasks.caption_metric import _METEOR, caption_scores, caption_scores_of_sets
 
     refs = {"a": ["a red round face smiling"] * 2, "b": ["the flag of the country germany"] * 2}
-    perfect = caption_scores(refs, {i: r[0] for i, r in refs.items()})
+    wrong = {"a": "flag", "b": "a face"}
+    scores = caption_scores_of_sets(refs, {"perfect": {i: r[0] for i, r in refs.items()}, "wrong": wrong})
+    perfect = scores["perfect"]
     assert perfect["BLEU_4"] == pytest.approx(100, abs=1e-3) and perfect["ROUGE_L"] == pytest.approx(100)
     # CIDEr-D: the two images share no n-gram, so each has idf log(2) and cosine 1 at every n: 10 (x100)
     assert perfect["CIDEr"] == pytest.approx(1000, abs=1e-2)
     assert perfect["METEOR"] > 90
-    wrong = caption_scores(refs, {"a": "flag", "b": "a face"})
-    assert wrong["BLEU_4"] < 1 and wrong["CIDEr"] < perfect["CIDEr"] and wrong["METEOR"] < perfect["METEOR"]
+    assert scores["wrong"]["BLEU_4"] < 1 and scores["wrong"]["CIDEr"] < perfect["CIDEr"]
+    assert scores["wrong"]["METEOR"] < perfect["METEOR"]
+    # a set scores alone as beside another, by a new METEOR process when the process's one has ended
+    _METEOR[0].meteor_p.kill()
+    _METEOR[0].meteor_p.wait()
+    assert caption_scores(refs, wrong) == scores["wrong"]
+    with pytest.raises(ValueError, match=r"\(wrong\).*differ on \['b'\]"):
+        caption_scores_of_sets(refs, {"wrong": {"a": "flag"}})
 
 
 # -- the task ------------------------------------------------------------------------------------------
@@ -246,3 +259,81 @@ def test_unilm_captioning_head_converts_in_and_out(tmp_path):
     assert report.task is None
     assert report.not_converted == {"mlm (pretraining)": ["mlm_head.bias", "mlm_head.weight"],
                                     "mim (pretraining)": ["mim_head.bias", "mim_head.weight"]}
+
+
+# -- runs, files and label-free splits -------------------------------------------------------------------
+
+FAST = ["--set=train.steps=3", "--set=train.warmup_steps=1", "--set=train.log_every=1", "--set=train.num_workers=0",
+        "--set=train.checkpoint_every=3", "--set=task.train.batch_size=8", "--set=task.train.shuffle_buffer=20"]
+# COCO's captions_val2014.json and image_info_test2014.json, in their layouts (fewer fields and images)
+COCO_VAL = {"info": {"year": 2014}, "licenses": [], "images": [
+    {"license": 3, "file_name": "COCO_val2014_000000391895.jpg", "height": 6, "width": 8, "id": 391895},
+    {"license": 4, "file_name": "COCO_val2014_000000522418.jpg", "height": 6, "width": 8, "id": 522418}],
+    "annotations": [{"image_id": 391895, "id": 770337, "caption": "A man with a red helmet on a moped. "},
+                    {"image_id": 522418, "id": 681330, "caption": "A woman cutting a large white sheet cake."},
+                    {"image_id": 391895, "id": 771687, "caption": "Man riding a motor bike on a dirt road."}]}
+COCO_TEST = {"info": {"year": 2014}, "licenses": [], "categories": [], "images": [
+    {"license": 1, "file_name": "COCO_test2014_000000000001.jpg", "height": 6, "width": 8, "id": 1},
+    {"license": 2, "file_name": "COCO_test2014_000000000014.jpg", "height": 6, "width": 8, "id": 14}]}
+
+
+def _coco_shards(tmp_path, data: dict, folder: str):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / folder).mkdir(parents=True)
+    for i, image in enumerate(data["images"]):
+        pixels = np.random.default_rng(i).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / folder / image["file_name"], format="JPEG")
+    (tmp_path / f"{folder}.json").write_text(json.dumps(data))
+    assert main(["data", "write-shards", "retrieval", str(tmp_path / f"{folder}.json"), "--image-root",
+                 str(tmp_path / folder), "--out", str(tmp_path / f"{folder}_shards")]) == 0
+    return tmp_path / f"{folder}_shards"
+
+
+@needs_java
+def test_finetune_evaluates_from_a_fresh_process_and_predicts_label_free_coco_images(tmp_path, capsys):
+    run = tmp_path / "ft"
+    # greedy and short: the end-of-run evaluation decodes the 266 held-out images
+    assert main(["finetune", "--config", "finetune/captioning_debug", "--run-dir", str(run), "--no-progress", *FAST,
+                 "--set=task.num_beams=1", "--set=task.train.max_len=8"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["task"] == "captioning" and (results["images"], results["references"]) == (266, 849)
+    assert set(results["baselines"]) == {"nearest_train_image", "most_frequent_caption"}
+    assert results["baselines"]["nearest_train_image"]["CIDEr"] > results["baselines"]["most_frequent_caption"]["CIDEr"]
+    metric, value, baselines = mm.load_config("finetune/captioning_debug").task.headline(results)
+    assert (metric, value) == ("captioning CIDEr", results["CIDEr"]) and len(baselines) == 2
+    predictions = json.loads((run / "caption_predictions.json").read_text())
+    assert len(predictions) == 266 and all(set(p) == {"image_id", "caption"} for p in predictions)
+    assert predictions[0]["image_id"].startswith("emoji-")
+
+    # COCO's caption file: labelled, scored, the same from a fresh process
+    val = _coco_shards(tmp_path, COCO_VAL, "val2014")
+    assert "val2014.json (COCO caption file): 2 images, 3 captions" in capsys.readouterr().err
+    on_val = ["evaluate", "--checkpoint", str(run), "--set", f"task.eval_shards=[{val}]", "--no-progress"]
+    assert main([*on_val, "--out", str(tmp_path / "val")]) == 0
+    scored = json.loads((tmp_path / "val" / "results.json").read_text())
+    assert (scored["images"], scored["references"]) == (2, 3) and "CIDEr" in scored
+    code = subprocess.run([sys.executable, "-m", "multimodal_moe.cli", *on_val, "--out", str(tmp_path / "again")],
+                          capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert {k: again[k] for k in METRICS} == {k: scored[k] for k in METRICS}
+    assert "PTBTokenizer tokenized" not in code.stderr  # the scorer's Java chatter is filtered out
+    # the label-free test split: refused without --predict, captioned with it, ids as COCO's integers
+    test = _coco_shards(tmp_path, COCO_TEST, "test2014")
+    assert "test2014.json (COCO caption file): 2 images, no captions (label-free)" in capsys.readouterr().err
+    args = ["evaluate", "--checkpoint", str(run), "--set", f"task.eval_shards=[{test}]", "--out", str(tmp_path / "t"),
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds images without captions" in err and "pass --predict" in err
+    assert main([*args, "--predict"]) == 0
+    submission = json.loads((tmp_path / "t" / "caption_predictions.json").read_text())
+    assert sorted(p["image_id"] for p in submission) == [1, 14] and all(isinstance(p["caption"], str)
+                                                                         for p in submission)
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["label_free"] is True
+    # a split of both kinds is neither
+    assert main(["evaluate", "--checkpoint", str(run), "--set", f"task.eval_shards=[{val},{test}]", "--predict",
+                 "--out", str(tmp_path / "mixed"), "--no-progress"]) == 2
+    assert "2 of the 4 images" in capsys.readouterr().err

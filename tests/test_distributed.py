@@ -114,10 +114,12 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("finetune/nlvr2_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
     # Mixup / CutMix drawn once, in the collate of the global batch: both sides train on the same mix
     ("finetune/classification_debug", ["train.data_parallel=ddp", *MOE_EXACT, "task.mixup=0.8", "task.cutmix=1.0"]),
+    # each rank's masked-token loss weighted by its share of the update's masked tokens
+    ("finetune/captioning_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
     # masked data modeling: each part the mean over the global batch's masked positions
     ("beit3/debug", ["train.data_parallel=ddp"]),
 ], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp",
-        "nlvr2-ddp", "classification-ddp", "mmm-ddp"])
+        "nlvr2-ddp", "classification-ddp", "captioning-ddp", "mmm-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
     base = RETRIEVAL if preset.startswith("finetune/") else MMM if preset.startswith("beit3/") else BASE
     cfg = mm.load_config(preset, [*base, *parallel])
@@ -222,22 +224,25 @@ def evaluate_on_rank(rank: int, preset: str, out: Path) -> None:
     from multimodal_moe.training import build_task
 
     init_distributed("cpu")
-    report = build_task(mm.load_config(preset, EVAL_DROPLESS)).evaluate(None)
+    report = build_task(mm.load_config(preset, eval_overrides(preset))).evaluate(None)
     if rank == 0:
         out.write_text(json.dumps(report))
 
 
-# with capacity limits a token's expert output depends on the batch it is in (and batches differ
-# per rank); dropless, the results depend only on how the ranks' shares are gathered
-EVAL_DROPLESS = ["model.moe_ffn.eval_capacity_factor=dropless"]
+def eval_overrides(preset: str) -> list[str]:
+    # with capacity limits a token's expert output depends on the batch it is in (and batches differ
+    # per rank); dropless, the results depend only on how the ranks' shares are gathered. Captioning
+    # decodes greedily and briefly: decoding the split once per rank and once alone is the test's cost
+    short = ["task.num_beams=1", "task.train.max_len=8"] if preset == "finetune/captioning_debug" else []
+    return ["model.moe_ffn.eval_capacity_factor=dropless", *short]
 
 
 @pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug", "finetune/nlvr2_debug",
-                                    "finetune/classification_debug"])
+                                    "finetune/classification_debug", "finetune/captioning_debug"])
 def test_evaluation_at_world_two_gathers_every_rank_share(tmp_path, preset):
     from multimodal_moe.training import build_task
 
-    single = build_task(mm.load_config(preset, EVAL_DROPLESS)).evaluate(None)
+    single = build_task(mm.load_config(preset, eval_overrides(preset))).evaluate(None)
     run_ranks(evaluate_on_rank, preset, tmp_path / "report.json")
     report = json.loads((tmp_path / "report.json").read_text())
     counts = [k for k in ("questions", "images", "captions", "statements") if k in single]

@@ -259,14 +259,26 @@ def test_evaluate_scores_a_multilingual_checkpoint_per_language_on_its_own_val_s
 
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert main(["demo", "--run-dir", str(tmp_path), "--pretrain-steps", "3", "--finetune-steps", "3",
-                 "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "VQA accuracy" in out and "retrieval r_mean" in out
+                 "--tasks", "vqa,classification", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     demo = json.loads((tmp_path / "demo.json").read_text())
-    assert demo["vqa"]["questions"] == 472 and demo["retrieval"]["captions"] == 849
-    for stage in ("pretrain", "vqa", "retrieval"):
+    assert demo["vqa"]["questions"] == 472 and demo["classification_random_init"]["images"] == 319
+    assert [r["task"] for r in demo["rows"]] == ["vqa", "classification"]
+    vqa = demo["rows"][0]
+    assert vqa["pretrained"] == demo["vqa"]["vqa_accuracy"] and vqa["random_init"] == demo["vqa_random_init"][
+        "vqa_accuracy"]
+    assert lines[2].startswith(f"| VQA accuracy | {vqa['pretrained']:.1f} | {vqa['random_init']:.1f} | majority answer")
+    assert lines[3].startswith("| classification top-1 |")
+    for stage in ("pretrain", "vqa", "vqa_random_init", "classification", "classification_random_init"):
         assert (tmp_path / stage / "checkpoints" / "latest" / "model.safetensors").is_file()
     assert mm.load_checkpoint(tmp_path / "vqa").model.cfg == mm.load_checkpoint(tmp_path / "pretrain").cfg
+    # the random start is the same architecture, not the pretrained weights
+    pretrained, scratch = mm.load_checkpoint(tmp_path / "vqa"), mm.load_checkpoint(tmp_path / "vqa_random_init")
+    assert pretrained.model.cfg == scratch.model.cfg
+    a, b = pretrained.model.state_dict(), scratch.model.state_dict()
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["demo", "--tasks", "vqa,ocr", "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "unknown demo tasks ['ocr']" in capsys.readouterr().err
 
 
 def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runtime_fields_from_its_config(

@@ -113,7 +113,7 @@ def test_mmoe_predict_refuses_a_pretraining_checkpoint(tmp_path, capsys):
     assert "not a fine-tuned task" in capsys.readouterr().err
 
 
-def test_mmoe_predict_captions_an_image_and_says_which_tasks_it_has_no_mode_for(tmp_path, capsys):
+def test_mmoe_predict_captions_an_image_and_judges_statements_about_a_pair(tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
     captioning = _saved(tmp_path / "captioning", "finetune/captioning_debug", [])
@@ -123,6 +123,17 @@ def test_mmoe_predict_captions_an_image_and_says_which_tasks_it_has_no_mode_for(
     assert line["caption"] == mm.load_checkpoint(captioning).caption([image])[0]
     assert main(["predict", "--checkpoint", str(captioning), "--image", str(image), "--question", "what?"]) == 2
     assert "reads the image alone; it takes no --question" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(captioning), "--image", str(image), "--image", str(image)]) == 2
+    assert "a captioning checkpoint reads 1 image; got 2" in capsys.readouterr().err
+    # NLVR2: a pair of images, left then right, and statements about them
     nlvr2 = _saved(tmp_path / "nlvr2", "finetune/nlvr2_debug", [])
-    assert main(["predict", "--checkpoint", str(nlvr2), "--image", str(image)]) == 2
-    assert "no mode for the nlvr2 task yet" in capsys.readouterr().err
+    right = tmp_path / "y.png"
+    Image.new("RGB", (30, 30), (20, 30, 220)).save(right)
+    assert main(["predict", "--checkpoint", str(nlvr2), "--image", str(image), "--statement", "both are red"]) == 2
+    assert "reads 2 images (--image LEFT --image RIGHT); got 1" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(nlvr2), "--image", str(image), "--image", str(right), "--statement",
+                 "both are red", "--statement", "the left one is red"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    p_true = mm.load_checkpoint(nlvr2).predict([image], [right], ["both are red", "the left one is red"])
+    assert lines == [{"statement": s, "prediction": p >= 0.5, "p_true": p}
+                     for s, p in zip(["both are red", "the left one is red"], p_true)]

@@ -113,6 +113,12 @@ class TaskConfig(Registry):
     downstream: ClassVar[bool] = False  # a fine-tuned task: mm.load_checkpoint gives the task, heads and all
     predicts_label_free: ClassVar[bool] = False  # its evaluate(predict=True) answers a split without labels
 
+    @staticmethod
+    def headline(results: dict[str, Any]) -> tuple[str, float, dict[str, float]] | None:
+        """The one number a summary table shows of this task's evaluation ``results`` (its
+        ``results.json``): (metric, value, {baseline: value}); None for a task without one."""
+        return None
+
     def check_model(self, model: ModelConfig) -> None:
         """Raise :class:`~multimodal_moe.configurable.ConfigError` if the task cannot train ``model``."""
 
