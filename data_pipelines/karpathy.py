@@ -138,10 +138,13 @@ def coco_caption_images(path: str | Path, data: dict, image_root: str | Path | N
         if not isinstance(note, dict) or "image_id" not in note or not isinstance(note.get("caption"), str):
             raise ValueError(f"{path}: annotations[{n}] needs image_id and a string caption, got {str(note)[:120]}")
         captions.setdefault(note["image_id"], []).append(note["caption"].strip())
-    images = []
+    images, seen = [], set()
     for n, entry in enumerate(data["images"]):
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("file_name"), str):
             raise ValueError(f"{path}: images[{n}] needs id and file_name, got {str(entry)[:120]}")
+        if entry["id"] in seen:
+            raise ValueError(f"{path}: images[{n}] repeats image id {entry['id']!r}")
+        seen.add(entry["id"])
         images.append(KarpathyImage(path=root / entry["file_name"], image_id=str(entry["id"]), split="",
                                     captions=captions.pop(entry["id"], [])))
     if captions:

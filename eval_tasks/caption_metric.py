@@ -96,7 +96,11 @@ def caption_scores_of_sets(references: Mapping[str, Sequence[str]],
             res = {i: [all_res[name, i][0] or "-"] for i in ids}  # METEOR's Java side stalls on an empty line
             bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
             scores = {f"BLEU_{n}": b for n, b in enumerate(bleu, 1)}
-            scores["METEOR"], _ = meteor.compute_score(gts, res)
+            try:
+                scores["METEOR"], _ = meteor.compute_score(gts, res)
+            except BaseException:  # its process may be half-way through a reply: never reuse it
+                _discard_meteor()
+                raise
             scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
             scores["CIDEr"], _ = Cider().compute_score(gts, res)
             out[name] = {k: round(100 * float(scores[k]), 4) for k in METRICS}
@@ -113,5 +117,17 @@ def _meteor(factory):
     which every later evaluation (a demo's ten, a fine-tune's end-of-run one and another) would
     pay again."""
     if not _METEOR or _METEOR[0].meteor_p.poll() is not None:  # pycocoevalcap's Popen of the jar
-        _METEOR[:] = [factory()]
+        _discard_meteor()
+        _METEOR.append(factory())
     return _METEOR[0]
+
+
+def _discard_meteor() -> None:
+    """End the cached scorer's process without its ``__del__``, which waits for a lock that a
+    failed score leaves held."""
+    while _METEOR:
+        meteor = _METEOR.pop()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+        if meteor.lock.locked():
+            meteor.lock.release()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -128,6 +129,11 @@ def beam_search(next_logprobs: NextLogProbs, batch: int, *, bos: int, eos: int, 
     best_B = (sums_BK / lengths_BK.clamp(min=1) ** length_penalty).argmax(1)
     rows = tokens_NL.view(B, K, -1)[torch.arange(B, device=device), best_B].tolist()
     return [_until_eos(row[1:], eos) for row in rows]
+
+
+def _coco_id(image_id: str) -> int | str:
+    """COCO's image ids are integers (stored as their digits); any other id stays a string."""
+    return int(image_id) if re.fullmatch(r"0|[1-9][0-9]*", image_id) else image_id
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
@@ -256,7 +262,8 @@ class Captioning(ImageTextFinetune):
         out = self.model(images=batch.images_B3HW, text_ids=batch.input_ids_NL,
                          text_padding_mask=batch.padding_mask_NL, text_causal=True)
         logits_MV = self.mlm_head(out.hidden[:, out.num_vision:].flatten(0, 1).index_select(0, batch.chosen_M)).float()
-        loss = smoothed_cross_entropy(logits_MV, batch.targets_M, self.cfg.label_smoothing)
+        loss = smoothed_cross_entropy(logits_MV, batch.targets_M, self.cfg.label_smoothing) if len(batch.targets_M) \
+            else logits_MV.sum() * 0  # nothing to predict in this micro-batch (a shape: no host sync)
         accuracy = (logits_MV.argmax(-1) == batch.targets_M).float().mean()
         parts = {"caption_loss": loss.detach(), "masked_accuracy": accuracy.detach(), "aux_loss": out.aux_loss.detach()}
         return TaskOutput(batch.loss_weight * loss + out.aux_loss, parts, samples=len(batch),
@@ -366,7 +373,7 @@ class Captioning(ImageTextFinetune):
         if out_dir is not None and is_main_rank():
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / PREDICTIONS_FILE).write_text(json.dumps(
-                [{"image_id": int(i) if i.isdigit() else i, "caption": captions[n]} for i, n in unique.items()],
+                [{"image_id": _coco_id(i), "caption": captions[n]} for i, n in unique.items()],
                 ensure_ascii=False))
         return report
 
@@ -382,7 +389,8 @@ class Captioning(ImageTextFinetune):
             train_pixels.append(batch.images_B3HW.flatten(1))
             train_captions += batch.references
         train_pixels, train_captions = gather_lists(train_pixels, train_captions)  # each rank read its share
-        counts = Counter(c for caps in train_captions for c in caps)
+        train_captions = [[c for c in caps if c.strip()] or [""] for caps in train_captions]  # "": an image without
+        counts = Counter(c for caps in train_captions for c in caps if c)
         similarity_IJ = F.normalize(eval_pixels_ID.float(), dim=1) @ F.normalize(torch.cat(train_pixels).float(),
                                                                                 dim=1).t()
         nearest = [max(train_captions[j], key=lambda c: counts[c]) for j in similarity_IJ.argmax(1).tolist()]

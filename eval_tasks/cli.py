@@ -1,10 +1,12 @@
 """The ``mmoe`` commands of the downstream tasks, on top of the library's command line
 (:mod:`multimodal_moe.cli`, which adds them to its parser):
 
-    mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
+    mmoe finetune --config PRESET [--init CKPT]   fine-tune a downstream task, then evaluate
     mmoe evaluate --checkpoint CKPT               results.json and plots of a checkpoint
-    mmoe predict --checkpoint CKPT --image X      answers (--question Q) or a caption ranking (--captions ...)
-    mmoe demo [--run-dir DIR]                     pretrain -> fine-tune VQA, retrieval -> evaluate
+    mmoe predict --checkpoint CKPT --image X      answers (--question Q), a caption ranking (--captions ...),
+                                                  a caption, classes; NLVR2: two --image, --statement S
+    mmoe demo [--run-dir DIR] [--tasks T,...]     pretrain -> fine-tune the five tasks (and from scratch)
+                                                  -> evaluate -> one table
     mmoe convert beit3 --src FILE --dst DIR       official BEiT-3 checkpoints in (and out: --to torchscale|unilm)
 """
 

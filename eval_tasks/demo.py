@@ -54,6 +54,8 @@ def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown demo tasks {unknown or list(tasks)}; choose among {', '.join(TASKS)}")
+    if len(set(tasks)) < len(tasks):
+        raise ValueError(f"demo tasks named twice: {sorted({t for t in tasks if list(tasks).count(t) > 1})}")
     run_dir = Path(run_dir)
     workers = [f"train.num_workers={num_workers}"]
     seconds = {}

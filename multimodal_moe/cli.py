@@ -1,10 +1,12 @@
 """The ``mmoe`` command line.
 
     mmoe pretrain [--config PRESET] [--set k=v ...] [--run-dir DIR] [--resume] [--init CKPT]   train a task
-    mmoe finetune --config PRESET [--init CKPT]   fine-tune VQA / retrieval, then evaluate
+    mmoe finetune --config PRESET [--init CKPT]   fine-tune a downstream task, then evaluate
     mmoe evaluate --checkpoint CKPT               results.json and plots of a fine-tuned checkpoint
-    mmoe predict --checkpoint CKPT --image X      answers (--question Q) or a caption ranking (--captions ...)
-    mmoe demo [--run-dir DIR]                     pretrain -> fine-tune VQA, retrieval -> evaluate
+    mmoe predict --checkpoint CKPT --image X      answers (--question Q), a caption ranking (--captions ...),
+                                                  a caption, classes; NLVR2: two --image, --statement S
+    mmoe demo [--run-dir DIR] [--tasks T,...]     pretrain -> fine-tune the five tasks (and from scratch)
+                                                  -> evaluate -> one table
     mmoe convert beit3 --src FILE --dst DIR       official BEiT-3 checkpoints in (and out: --to torchscale|unilm)
     mmoe convert mot-to-topk RUN --dst DIR        Mixture of Tokens -> top-k MoE (transition tuning)
     mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table

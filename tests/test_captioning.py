@@ -199,6 +199,44 @@ def test_caption_scores_on_hand_computed_cases():
         caption_scores_of_sets(refs, {"wrong": {"a": "flag"}})
 
 
+@needs_java
+def test_a_failed_meteor_score_ends_its_process_and_the_next_score_starts_another(monkeypatch):
+    import subprocess
+    import threading
+
+    import pycocoevalcap.meteor.meteor as meteor_module
+
+    from eval_tasks import caption_metric
+
+    class HalfWayMeteor:  # fails mid-score holding its lock, as pycocoevalcap's does when Java dies
+        def __init__(self):
+            self.meteor_p = subprocess.Popen(["sleep", "60"])
+            self.lock = threading.Lock()
+            made.append(self)
+
+        def compute_score(self, gts, res):
+            self.lock.acquire()
+            raise ValueError("could not convert string to float: ''")
+
+    made = []
+    monkeypatch.setattr(caption_metric, "_METEOR", [])
+    monkeypatch.setattr(meteor_module, "Meteor", HalfWayMeteor)
+    refs = {"a": ["a red face"]}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="could not convert"):
+            caption_metric.caption_scores(refs, {"a": "a face"})
+        assert caption_metric._METEOR == [] and made[-1].meteor_p.poll() is not None
+        assert not made[-1].lock.locked()
+    assert len(made) == 2  # the second score started its own process
+
+
+def test_coco_ids_of_digits_are_integers_and_other_ids_strings():
+    from eval_tasks.captioning import _coco_id
+
+    assert [_coco_id(i) for i in ("391895", "0", "007", "emoji-1f603", "\u00b2")] == [391895, 0, "007", "emoji-1f603",
+                                                                                     "\u00b2"]
+
+
 # -- the task ------------------------------------------------------------------------------------------
 
 def debug_task():
@@ -333,6 +371,12 @@ def test_finetune_evaluates_from_a_fresh_process_and_predicts_label_free_coco_im
     assert sorted(p["image_id"] for p in submission) == [1, 14] and all(isinstance(p["caption"], str)
                                                                          for p in submission)
     assert json.loads((tmp_path / "t" / "results.json").read_text())["label_free"] is True
+    # a COCO file naming an image twice is refused before anything is written
+    twice = {**COCO_TEST, "images": COCO_TEST["images"] + COCO_TEST["images"][:1]}
+    (tmp_path / "twice.json").write_text(json.dumps(twice))
+    assert main(["data", "write-shards", "retrieval", str(tmp_path / "twice.json"), "--image-root",
+                 str(tmp_path / "test2014"), "--out", str(tmp_path / "twice")]) == 2
+    assert "images[2] repeats image id 1" in capsys.readouterr().err and not (tmp_path / "twice").exists()
     # a split of both kinds is neither
     assert main(["evaluate", "--checkpoint", str(run), "--set", f"task.eval_shards=[{val},{test}]", "--predict",
                  "--out", str(tmp_path / "mixed"), "--no-progress"]) == 2

@@ -279,6 +279,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
     assert main(["demo", "--tasks", "vqa,ocr", "--run-dir", str(tmp_path / "bad")]) == 2
     assert "unknown demo tasks ['ocr']" in capsys.readouterr().err
+    assert main(["demo", "--tasks", "vqa,nlvr2,vqa", "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "demo tasks named twice: ['vqa']" in capsys.readouterr().err
 
 
 def test_a_finetune_takes_the_architecture_from_its_init_checkpoint_and_the_runtime_fields_from_its_config(

@@ -75,7 +75,7 @@ def profile_one(preset: str, batch: int, device: torch.device, steps: int, top: 
         device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                             "cuLaunchKernelEx"))
-        del trainer
+        trainer.close()
     tokens = sum(n * t for n, t in sequences)
     return {"preset": preset, "batch": batch, "tokens_per_step": tokens, "seconds_per_step": round(seconds, 4),
             "tokens_per_s": round(tokens / seconds), "device_busy_s_per_step": round(device_us / 1e6 / steps, 4),
