@@ -1,8 +1,8 @@
 """Speed and memory of the FFN family at equal active FLOPs (``mmoe bench moe``).
 
 Every variant is sized so that its experts do the dense FFN's multiply-adds per token
-(:func:`expert_macs_per_token`): top-k MoE with experts of width F_dense / K, MH-MoE the same
-over sub-tokens, Mixture of Tokens with width F_dense * G / E. Each step is
+(:func:`expert_macs_per_token`): top-k MoE with experts of width F_dense / K, expert choice the
+same with C = K * N / E tokens per expert, MH-MoE the same over sub-tokens, Mixture of Tokens with width F_dense * G / E. Each step is
 one forward and backward pass (gradients set to None first, as a training step does) on the
 same (B, T, D) input. Variants are timed interleaved, round after round, so that a slow phase
 of the machine hits them all; the median round gives tokens/s and the ratio to the dense FFN
@@ -46,6 +46,9 @@ def moe_variants(dense_hidden: int, activation: str = "gelu") -> dict[str, FFNCo
         "top2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, **topk),
         "top2_of_32": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=32, top_k=2, **topk),
         "top8_of_64": TopKMoEConfig(hidden_dim=dense_hidden // 8, num_experts=64, top_k=8, **topk),
+        "expert_choice_2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2,
+                                              routing="expert_choice", capacity_factor=1.0,
+                                              **{**topk, "balance_loss_weight": 0.0}),
         "mh_moe_h4_top2_of_8": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, heads=4,
                                                   **topk),
         "mh_moe_h4_top2_of_32": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=32, top_k=2, heads=4,
@@ -64,8 +67,9 @@ def expert_macs_per_token(cfg: FFNConfig, dim: int) -> float:
         return matrices * dim * cfg.hidden_dim
     if isinstance(cfg, MultiHeadMoEConfig):
         return cfg.heads * cfg.top_k * matrices * (dim // cfg.heads) * cfg.hidden_dim
-    if isinstance(cfg, TopKMoEConfig):
-        return cfg.top_k * matrices * dim * cfg.hidden_dim
+    if isinstance(cfg, TopKMoEConfig):  # expert choice: C = capacity_factor * K * N / E tokens per expert
+        per_token = cfg.top_k * (cfg.capacity_factor if cfg.routing == "expert_choice" else 1)
+        return per_token * matrices * dim * cfg.hidden_dim
     if isinstance(cfg, MixtureOfTokensConfig):
         return cfg.num_experts * matrices * dim * cfg.hidden_dim / cfg.group_size
     raise TypeError(f"no FLOP count for {type(cfg).__name__}")

@@ -344,3 +344,87 @@ def test_experts_run_in_the_autocast_dtype_and_routing_in_fp32(router):
     assert out.hidden.dtype == torch.bfloat16
     torch.testing.assert_close(logits, moe.router(x.reshape(-1, 16)), rtol=0, atol=0)  # fp32, as without autocast
     torch.testing.assert_close(out.hidden.float(), moe(x).hidden, atol=3e-2, rtol=3e-2)
+
+
+# -- expert choice ----------------------------------------------------------------------------------------
+
+EC = dict(routing="expert_choice", capacity_factor=1.0, balance_loss_weight=0.0)
+
+
+def expert_choice_oracle(moe, x_BTD, mask_BT=None):
+    """Each expert in turn sorts the real tokens by its router probability (a Python sort) and
+    takes the first C = ceil(cf * K * N / E), N counting padding; the output is the
+    probability-weighted sum of the experts that took a token."""
+    cfg, (B, T, D) = moe.cfg, x_BTD.shape
+    x_ND = x_BTD.reshape(-1, D)
+    N = x_ND.shape[0]
+    real = range(N) if mask_BT is None else [n for n in range(N) if mask_BT.reshape(-1)[n]]
+    probs = moe.router(x_ND).softmax(-1)
+    C = min(N, math.ceil(cfg.capacity(moe.training) * cfg.top_k * N / cfg.num_experts))
+    out = [x_ND.new_zeros(D) for _ in range(N)]
+    taken = [0] * cfg.num_experts
+    for e in range(cfg.num_experts):
+        for n in sorted(real, key=lambda n: -probs[n, e].item())[:C]:
+            out[n] = out[n] + probs[n, e] * expert_oracle(moe, e, x_ND[n])
+            taken[e] += 1
+    return torch.stack(out).reshape(B, T, D), taken
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(activation="swiglu", top_k=1), dict(capacity_factor=2.0),
+                                dict(router="xmoe", num_experts=8)], ids=["top2", "swiglu-k1", "cf2", "xmoe-8e"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_expert_choice_matches_a_loop_oracle(kw, padded):
+    moe = make(**{**EC, **kw})
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    mask = None
+    if padded:  # the second sequence half padding, of large values: never chosen over a real token
+        mask = torch.ones(3, 7, dtype=torch.bool)
+        mask[1, 3:] = False
+        with torch.no_grad():
+            x[1, 3:] = 100.0
+    assert_same_with_grads(moe, x, lambda: moe(x, token_mask_BT=mask).hidden,
+                           lambda: expert_choice_oracle(moe, x, mask)[0])
+    out = moe(x, token_mask_BT=mask)
+    _, taken = expert_choice_oracle(moe, x, mask)
+    assert out.stats["tokens_per_expert"].tolist() == taken and out.stats["balance_loss"] == 0
+    if padded:  # padding outputs zeros, and NaN there stays there
+        assert (out.hidden[1, 3:] == 0).all()
+        with torch.no_grad():
+            x[1, 3:] = float("nan")
+        nan_out = moe(x, token_mask_BT=mask).hidden
+        assert torch.isfinite(nan_out[mask]).all() and (nan_out[~mask] == 0).all()
+
+
+def test_expert_choice_fills_every_expert_and_may_leave_tokens_out():
+    moe = make(**EC, num_experts=4, top_k=1)
+    with torch.no_grad():  # a router that prefers expert 0 for every token: still C tokens each
+        moe.router.weight_ED.zero_()
+        moe.router.weight_ED[0] = 1.0
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(2)).abs()
+    out = moe(x)
+    assert out.stats["tokens_per_expert"].tolist() == [2.0] * 4  # C = 8 / 4
+    picked = {n for e in range(4) for n in moe.router(x[0]).softmax(-1)[:, e].topk(2).indices.tolist()}
+    assert out.stats["dropped_fraction"] == pytest.approx(1 - len(picked) / 8)
+    assert out.aux_loss.item() == pytest.approx(moe.cfg.z_loss_weight * out.stats["z_loss"].item())
+
+
+def test_expert_choice_config_and_its_refusals():
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(hidden_dim=8, routing="expert_choice", balance_loss_weight=0.0)
+    assert info.value.key == "capacity_factor" and "fixed capacity" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(hidden_dim=8, routing="expert_choice", capacity_factor=1.0, eval_capacity_factor="dropless",
+                      balance_loss_weight=0.0)
+    assert info.value.key == "capacity_factor"
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(hidden_dim=8, routing="expert_choice", capacity_factor=1.0)
+    assert info.value.key == "balance_loss_weight" and "no load to balance" in info.value.message
+    import multimodal_moe as mm
+
+    with pytest.raises(ConfigError) as info:  # a causal LM would see the future
+        mm.load_config("lm/xmoe_debug", ["model.moe_ffn.routing=expert_choice", "model.moe_ffn.balance_loss_weight=0"])
+    assert info.value.key.endswith("moe_ffn.routing") and "see the future" in info.value.message
+    moe = make(**EC)
+    moe.experts.holds_all_experts = False  # as expert parallelism's experts are
+    with pytest.raises(ValueError, match="does not take expert parallelism"):
+        moe(torch.randn(1, 4, 16))

@@ -42,6 +42,7 @@ ENCODER_FFNS = {
     "xmoe_capacity": _moe(f"{_XMOE}, capacity_factor: 1.0"),  # the default preset's own
     "xmoe_dropless": _moe(f"{_XMOE}, capacity_factor: null"),
     "shared_expert": _moe(f"{_TOPK}, capacity_factor: null, shared_expert_dim: 32"),
+    "expert_choice": _moe(f"{_TOPK}, capacity_factor: 1.0, routing: expert_choice, balance_loss_weight: 0.0"),
     "mh_moe_capacity": _moe(f"{_MH_MOE}, capacity_factor: 1.0", *_PAPER),
     "mh_moe_dropless": _moe(f"{_MH_MOE}, capacity_factor: null", *_PAPER),
     "mot": _moe("kind: mot, hidden_dim: 64, num_experts: 4, group_size: 2", "model.moe_branches=[vision]"),

@@ -50,6 +50,17 @@ Auxiliary loss (already weighted, summed into ``FFNOutput.aux_loss``):
 - router z-loss (ST-MoE, arXiv 2202.08906): mean over tokens of logsumexp(logits)^2.
 Defaults are OpenMoE's coefficients, 0.01 and 1e-4.
 
+Expert choice (``routing: expert_choice``; Zhou et al., Mixture-of-Experts with Expert Choice
+Routing, arXiv 2202.09368): the same router probabilities, but each expert takes the C tokens
+with the highest probability for it, C = ceil(capacity_factor * K * N / E), so K is the mean
+number of experts per token (some tokens get none, some more than K). Every expert is full by
+construction: there is no balance loss (``balance_loss_weight`` must be 0), and the experts run
+in the (E, C) layout of batched matmuls with no sort and no host sync. A token's experts depend on
+every other token of the batch, the later ones of its sequence included, so a causal decoder
+would see the future through them: the LM refuses it (MoMa's auxiliary routers, arXiv 2407.21770,
+are the known fix). Padding tokens score below every real one and get gate 0 where a short batch
+still reaches them.
+
 Statistics (``FFNOutput.stats``, detached, no host sync): ``tokens_per_expert`` (E,),
 ``dropped_fraction``, ``router_entropy`` (mean, nats), ``activation_ratio`` (share of experts
 whose share of the assignments exceeds ``activation_threshold / E``, i.e. a fraction of the
@@ -94,6 +105,8 @@ class TopKMoEConfig(FFNConfig):
         router_jitter: multiplicative uniform noise 1 +- eps on the router input in training.
         shared_expert_dim: width of a dense expert every token also goes through (null: none).
         activation_threshold: expert counts as active above this fraction of its uniform share.
+        routing: token_choice (each token its top K experts) | expert_choice (each expert its top
+            C tokens; see the module docstring: needs a capacity_factor and no balance loss).
     """
 
     hidden_dim: int
@@ -112,6 +125,7 @@ class TopKMoEConfig(FFNConfig):
     router_jitter: float = 0.0
     shared_expert_dim: int | None = None
     activation_threshold: float = 0.1
+    routing: Literal["token_choice", "expert_choice"] = "token_choice"
 
     def check(self) -> None:
         for name in ("hidden_dim", "num_experts", "xmoe_dim"):
@@ -137,6 +151,14 @@ class TopKMoEConfig(FFNConfig):
             raise ConfigError("router_jitter", f"must be in [0, 1), got {self.router_jitter}")
         if self.shared_expert_dim is not None and self.shared_expert_dim <= 0:
             raise ConfigError("shared_expert_dim", f"must be positive or null, got {self.shared_expert_dim}")
+        if self.routing == "expert_choice":
+            if self.capacity_factor is None or self.eval_capacity_factor == "dropless":
+                raise ConfigError("capacity_factor", "expert choice gives each expert a fixed capacity C = "
+                                                     "ceil(capacity_factor * top_k * N / E): set a capacity_factor "
+                                                     "(and an eval_capacity_factor other than dropless)")
+            if self.balance_loss_weight:
+                raise ConfigError("balance_loss_weight", "expert choice fills every expert to its capacity, so there "
+                                                         "is no load to balance: set balance_loss_weight: 0")
 
     def capacity(self, training: bool) -> float | None:
         """The capacity factor in force, or None for dropless."""
@@ -261,6 +283,8 @@ class TopKMoE(nn.Module):
             router_in_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
         logits_NE = self.router(router_in_ND)
         probs_NE = logits_NE.softmax(dim=-1)
+        if cfg.routing == "expert_choice":
+            return self._expert_choice(x_ND, logits_NE, probs_NE, real_N)
         gates_NK, expert_NK = probs_NE.topk(K, dim=-1)
         if cfg.renormalize:
             gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
@@ -325,6 +349,43 @@ class TopKMoE(nn.Module):
                 "z_loss": z_loss.detach(),
             }
         return y_ND, aux_loss, stats
+
+    def _expert_choice(self, x_ND, logits_NE, probs_NE, real_N) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Each expert's top-C tokens by router probability through the (E, C) layout; see the
+        module docstring. C uses N, padding included, so that it is a static shape."""
+        cfg, (N, D), E, K = self.cfg, x_ND.shape, self.cfg.num_experts, self.cfg.top_k
+        if not self.experts.holds_all_experts:
+            raise ValueError("expert choice runs every expert's C tokens as one batched matmul, which needs every "
+                             "expert on this rank: it does not take expert parallelism")
+        C = min(N, math.ceil(cfg.capacity(self.training) * K * N / E))
+        scores_NE = probs_NE if real_N is None else torch.where(real_N[:, None], probs_NE, -1.0)
+        gates_EC, rows_EC = scores_NE.t().topk(C, dim=1)  # ties: torch.topk's order
+        # padding that a batch shorter than C reaches: zero in, zero out, gate 0
+        chosen_EC = torch.ones_like(rows_EC, dtype=torch.bool) if real_N is None else real_N[rows_EC]
+        x_ECD = torch.where(chosen_EC[..., None], x_ND.index_select(0, rows_EC.reshape(-1)).view(E, C, D), 0)
+        y_ECD = self.experts.forward_batched(x_ECD)
+        y_MD = torch.where(chosen_EC[..., None], y_ECD * gates_EC.to(y_ECD.dtype)[..., None], 0).reshape(E * C, D)
+        y_ND = y_MD.new_zeros(N, D).index_add_(0, rows_EC.reshape(-1), y_MD)
+        real = N if real_N is None else real_N.sum()
+        z_loss = _masked_mean(torch.logsumexp(logits_NE, dim=-1).pow(2), real_N, real)
+        with torch.no_grad():
+            counts_E = chosen_EC.sum(1).float()
+            picked_N = torch.zeros(N, device=x_ND.device).index_add_(0, rows_EC.reshape(-1),
+                                                                      chosen_EC.reshape(-1).float())
+            unpicked = (picked_N == 0) if real_N is None else (picked_N == 0) & real_N
+            real_f = real.float() if real_N is not None else x_ND.new_full((), N, dtype=torch.float32)
+            entropy_N = -(probs_NE * probs_NE.clamp_min(1e-12).log()).sum(-1)
+            share_E = counts_E / counts_E.sum().clamp_min(1)
+            stats = {
+                "tokens_per_expert": counts_E,
+                "dropped_fraction": unpicked.sum().float() / real_f.clamp_min(1),  # tokens no expert took
+                "router_entropy": _masked_mean(entropy_N, real_N, real),
+                "activation_ratio": (share_E > cfg.activation_threshold / E).float().mean(),
+                "routed_tokens": real_f,
+                "balance_loss": torch.zeros((), device=x_ND.device),
+                "z_loss": z_loss.detach(),
+            }
+        return y_ND, cfg.z_loss_weight * z_loss, stats
 
     def _grouped(self, x_ND, rows_M, gate_M, kept_E) -> torch.Tensor:
         """The assignments sorted by expert, kept ones first, through one grouped matmul per

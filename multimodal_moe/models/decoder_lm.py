@@ -50,6 +50,12 @@ class DecoderLMConfig(ModelConfig):
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
         if self.positions == "rope" and (self.dim // self.heads) % 2:
             raise ConfigError("positions", f"rope needs an even head dim, got dim/heads = {self.dim // self.heads}")
+        for name in ("ffn", "moe_ffn"):
+            if getattr(getattr(self, name), "routing", None) == "expert_choice":
+                raise ConfigError(f"{name}.routing", "expert choice lets each expert pick among all the batch's "
+                                                     "tokens, so a token's experts depend on the tokens after it: a "
+                                                     "causal LM would see the future (MoMa's auxiliary routers, arXiv "
+                                                     "2407.21770, are the fix, not built here); use token_choice")
 
     def build(self) -> DecoderLM:
         return DecoderLM(self)
