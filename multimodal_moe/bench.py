@@ -46,6 +46,9 @@ def moe_variants(dense_hidden: int, activation: str = "gelu") -> dict[str, FFNCo
         "top2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, **topk),
         "top2_of_32": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=32, top_k=2, **topk),
         "top8_of_64": TopKMoEConfig(hidden_dim=dense_hidden // 8, num_experts=64, top_k=8, **topk),
+        # DeepSeekMoE's fine-grained segmentation (arXiv 2401.06066): experts of F/8, one of them shared
+        "fine_grained_7_of_63_shared_1": TopKMoEConfig(hidden_dim=dense_hidden // 8, num_experts=63, top_k=7,
+                                                       shared_expert_dim=dense_hidden // 8, **topk),
         "expert_choice_2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2,
                                               routing="expert_choice", capacity_factor=1.0,
                                               **{**topk, "balance_loss_weight": 0.0}),
@@ -66,10 +69,9 @@ def expert_macs_per_token(cfg: FFNConfig, dim: int) -> float:
     if isinstance(cfg, DenseFFNConfig):
         return matrices * dim * cfg.hidden_dim
     if isinstance(cfg, MultiHeadMoEConfig):
-        return cfg.heads * cfg.top_k * matrices * (dim // cfg.heads) * cfg.hidden_dim
-    if isinstance(cfg, TopKMoEConfig):  # expert choice: C = capacity_factor * K * N / E tokens per expert
-        per_token = cfg.top_k * (cfg.capacity_factor if cfg.routing == "expert_choice" else 1)
-        return per_token * matrices * dim * cfg.hidden_dim
+        return cfg.heads * cfg.experts_per_token * matrices * (dim // cfg.heads) * cfg.hidden_dim
+    if isinstance(cfg, TopKMoEConfig):  # and the shared expert every token goes through
+        return (cfg.experts_per_token * cfg.hidden_dim + (cfg.shared_expert_dim or 0)) * matrices * dim
     if isinstance(cfg, MixtureOfTokensConfig):
         return cfg.num_experts * matrices * dim * cfg.hidden_dim / cfg.group_size
     raise TypeError(f"no FLOP count for {type(cfg).__name__}")

@@ -32,9 +32,9 @@ def _expert_share(module: nn.Module) -> float | None:
     """The share of a MoE FFN's expert parameters one token multiplies with, or None for other modules."""
     cfg = getattr(module, "cfg", None)
     if isinstance(cfg, MultiHeadMoEConfig):  # h sub-tokens, each through top-k of E experts
-        return cfg.heads * cfg.top_k / cfg.num_experts
+        return cfg.heads * cfg.experts_per_token / cfg.num_experts
     if isinstance(cfg, TopKMoEConfig):
-        return cfg.top_k / cfg.num_experts
+        return cfg.experts_per_token / cfg.num_experts
     if isinstance(cfg, MixtureOfTokensConfig):  # every expert, once per mixture of G tokens
         return 1 / cfg.group_size
     return None

@@ -27,3 +27,14 @@ def test_peak_memory_of_a_step_is_measured_in_a_fresh_process():
     small = _peak_step_memory_mb("dense", 32, 4, 32, 64, tuned=True)
     large = _peak_step_memory_mb("dense", 32, 256, 256, 1024, tuned=True)  # activations of about 64 MiB
     assert small is not None and large is not None and large > small + 30
+
+
+@pytest.mark.parametrize("sparse, dense", [  # the debug presets: tests/test_preset_fidelity.py
+    ("lm/deepseekmoe_64e", "lm/mhmoe_backbone"), ("beit3/base_deepseekmoe_64e", "beit3/base"),
+    ("beit3/base_ec_8e", "beit3/base")])
+def test_fine_grained_and_expert_choice_base_presets_do_their_dense_ffns_multiply_adds(sparse, dense):
+    import multimodal_moe as mm
+
+    moe, ffn = mm.load_config(sparse).model, mm.load_config(dense).model
+    assert moe.moe_ffn is not None and moe.dim == ffn.dim
+    assert expert_macs_per_token(moe.moe_ffn, moe.dim) == expert_macs_per_token(ffn.ffn, ffn.dim)

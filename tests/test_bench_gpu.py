@@ -70,11 +70,21 @@ def test_unknown_sections_and_presets_are_named(capsys):
     ("lm/openmoe_debug", 8 * 3 * 64 * 64, 2 / 8),  # top-2 of 8 SwiGLU experts 64 -> 64
     ("lm/mhmoe_debug", 8 * 3 * 16 * 128, 4 * 1 / 8),  # 4 sub-tokens of width 16, each top-1 of 8
     ("lm/mot_debug", 8 * 3 * 64 * 32, 1 / 2),  # every expert once per mixture of 2 tokens
+    ("lm/deepseekmoe_debug", 63 * 3 * 64 * 16, 7 / 63),  # top-7 of 63 routed; the shared expert counts whole
 ])
 def test_active_parameters_count_the_experts_a_token_uses(preset, expert_params, share):
     model = mm.build_model(mm.load_config(preset))  # tied embeddings: the output projection counts once
     total = sum(p.numel() for p in model.parameters())
     assert active_parameters(model) == total - expert_params * (1 - share)
+
+
+def test_an_expert_choice_token_uses_capacity_factor_x_k_experts_on_average():
+    from multimodal_moe.layers.moe import TopKMoEConfig
+
+    moe = TopKMoEConfig(hidden_dim=32, num_experts=8, top_k=1, routing="expert_choice", capacity_factor=2.0,
+                        balance_loss_weight=0.0).build(16)
+    experts = sum(p.numel() for p in moe.experts.parameters())
+    assert active_parameters(moe) == sum(p.numel() for p in moe.router.parameters()) + experts * 2 / 8
 
 
 def test_a_token_takes_one_multiway_branch():

@@ -28,7 +28,8 @@ def expert_macs(ffn: torch.nn.Module) -> float:
     share = _expert_share(ffn)
     if share is None:
         return float(sum(p.numel() for p in ffn.parameters() if p.dim() == 2))
-    return share * sum(p.numel() for p in ffn.experts.parameters())
+    shared = getattr(ffn, "shared_expert", None)  # every token goes through it whole
+    return share * sum(p.numel() for p in ffn.experts.parameters()) + (0 if shared is None else expert_macs(shared))
 
 
 def test_a_constant_top1_gate_is_refused_naming_both_keys():

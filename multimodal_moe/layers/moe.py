@@ -160,6 +160,12 @@ class TopKMoEConfig(FFNConfig):
                 raise ConfigError("balance_loss_weight", "expert choice fills every expert to its capacity, so there "
                                                          "is no load to balance: set balance_loss_weight: 0")
 
+    @property
+    def experts_per_token(self) -> float:
+        """How many experts process a token, on average: K, or for expert choice the
+        capacity_factor * K that its capacity C = capacity_factor * K * N / E gives."""
+        return self.top_k * (self.capacity_factor if self.routing == "expert_choice" else 1)
+
     def capacity(self, training: bool) -> float | None:
         """The capacity factor in force, or None for dropless."""
         if training or self.eval_capacity_factor == "train":
