@@ -53,6 +53,9 @@ ENCODER_TASKS = {
     "mmm_pixels": ("pretrain/debug", ["task.visual_targets={kind: pixels}"]),
     "vqa": ("finetune/vqa_debug", []),
     "retrieval": ("finetune/retrieval_debug", []),
+    "nlvr2": ("finetune/nlvr2_debug", []),
+    "captioning": ("finetune/captioning_debug", []),
+    "classification": ("finetune/classification_debug", []),
 }
 LM_FFNS = {
     "dense": ("lm/debug", []),
@@ -168,10 +171,11 @@ def test_language_modeling_step(monkeypatch, tmp_path, ffn, precision):
     check_step(sim, info, grads, precision=precision, dropless_moe=ffn in DROPLESS_MOE)
 
 
-@pytest.mark.parametrize("task", ["vqa", "retrieval"])
+@pytest.mark.parametrize("task", ["vqa", "retrieval", "nlvr2", "classification", "captioning"])
 def test_finetuning_evaluation(monkeypatch, tmp_path, task):
+    short = ["task.num_beams=1", "task.train.max_len=8"] if task == "captioning" else []  # greedy, brief: decoding
     cfg = mm.load_config(f"finetune/{task}_debug", [*MOE_OVERRIDES, "train.device=cuda", "train.precision=bf16",
-                                                    "task.eval_batch_size=64"])
+                                                    "task.eval_batch_size=64", *short])
     with simulated(monkeypatch) as sim:
         trainer = Trainer(cfg, tmp_path / "run", progress=False)
         sim.reset()
