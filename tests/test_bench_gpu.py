@@ -173,3 +173,16 @@ def test_profile_step_reports_where_a_step_goes_on_a_cpu(tmp_path):
     assert ok["host_syncs_per_step"] is None and ok["top_device_ops"] == []  # CUDA counts, on a GPU only
     assert len(ok["top_cpu_ops"]) == 3 and all(op["calls"] >= 1 for op in ok["top_cpu_ops"])
     assert bad["preset"] == "nope" and "error" in bad  # one preset's failure does not lose the others
+
+
+def test_the_profile_section_profiles_each_preset_at_two_batches(monkeypatch):
+    import argparse
+
+    from multimodal_moe.bench_gpu import profile
+
+    monkeypatch.setattr(profile, "CPU_PROFILE_PRESETS", ("lm/debug",))
+    args = argparse.Namespace(quick=True, encoder_batch=2, text_len=None, lm_batch=None, lm_seq=None)
+    report = profile.section(args, torch.device("cpu"), QUICK, deadline=time.time() + 600)
+    assert report["ok"] and list(report["results"]) == ["lm/debug x2", "lm/debug x4"]
+    assert [r["batch"] for r in report["results"].values()] == [2, 4]
+    assert all(r["ok"] and r["top_cpu_ops"] for r in report["results"].values())

@@ -25,10 +25,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..training import Trainer
-from .harness import Sizes, median_seconds
+from .harness import Plan, Sizes, each, median_seconds
 from .throughput import _throughput_config, synthetic_step
 
-__all__ = ["main", "profile_one"]
+__all__ = ["PROFILE_PRESETS", "main", "profile_one", "section"]
+
+# the dense encoder and its slowest MoE twin in the throughput section (at half the dense speed)
+PROFILE_PRESETS = ("beit3/base", "beit3/base_xmoe_8e")
+CPU_PROFILE_PRESETS = ("beit3/debug", "beit3/xmoe_debug")
 
 
 def _count_syncs(step, device: torch.device) -> int | None:
@@ -84,6 +88,23 @@ def profile_one(preset: str, batch: int, device: torch.device, steps: int, top: 
             "top_device_ops": _top([e for e in events if e.self_device_time_total > 0], "self_device_time_total", top)
             if device.type == "cuda" else [],
             "top_cpu_ops": _top(events, "self_cpu_time_total", top)}
+
+
+def section(args: argparse.Namespace, device: torch.device, plan: Plan, deadline: float) -> dict[str, Any]:
+    """The ``profile`` section of ``mmoe bench gpu``: :func:`profile_one` of
+    :data:`PROFILE_PRESETS` (on a CPU their debug twins) at the throughput section's batch per
+    stream and at twice it (within an 80 GB GPU's memory), so that a step bound by the host shows
+    as a busy fraction that grows with the batch."""
+    batch = Sizes.resolve(args, device).encoder_batch
+    presets = PROFILE_PRESETS if device.type == "cuda" else CPU_PROFILE_PRESETS
+    jobs = {f"{preset} x{b}": lambda preset=preset, b=b: {"ok": True, **profile_one(preset, b, device, plan.bench_steps,
+                                                                                     15)}
+            for preset in presets for b in (batch, 2 * batch)}
+    results = each("profile", jobs, deadline, lambda r: f"device busy {r.get('device_busy_fraction')}")
+    return {"ok": all(r["ok"] for r in results.values()),
+            "what": "the throughput section's trainer step under torch.profiler: device busy time and kernel launches "
+                    "per step, host syncs (CUDA's sync debug mode), the top operators by device and host time",
+            "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 
 from ..config import list_presets
-from . import distributed, grouped_mm, presets, throughput
+from . import distributed, grouped_mm, presets, profile, throughput
 from .harness import CHILD_GRACE_S, FULL, QUICK, Sizes, device_info, each, error_entry
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("presets", "grouped_mm", "distributed", "throughput")
+SECTIONS = ("presets", "grouped_mm", "distributed", "throughput", "profile")
 SECTION_RUNNERS = {"presets": presets.section, "grouped_mm": grouped_mm.section, "distributed": distributed.section,
-                   "throughput": throughput.section}
+                   "throughput": throughput.section, "profile": profile.section}
 
 
 def _relay(stream, tail: collections.deque) -> None:
