@@ -276,13 +276,9 @@ class Captioning(ImageTextFinetune):
         this micro-batch's share of them, times the micro-batches and ranks that the trainer and
         DDP average over (exactly 1 in one process with one micro-batch)."""
         chosen = [(b.labels_NL != IGNORE_INDEX).flatten().nonzero()[:, 0] for b in micro_batches]
-        total = torch.tensor([float(sum(len(c) for c in chosen))], dtype=torch.float64)
-        env = current()
-        env.sum_(total)  # a CPU tensor: the process group always has gloo for it
-        scale, total = env.world * len(micro_batches), float(total)
-        return [dataclasses.replace(b, chosen_M=c, targets_M=b.labels_NL.flatten()[c],
-                                    loss_weight=len(c) * scale / total if total else 0.0)
-                for b, c in zip(micro_batches, chosen)]
+        shares = current().update_shares([[len(c)] for c in chosen])
+        return [dataclasses.replace(b, chosen_M=c, targets_M=b.labels_NL.flatten()[c], loss_weight=w)
+                for b, c, (w,) in zip(micro_batches, chosen, shares)]
 
     # -- decoding --
 

@@ -71,8 +71,9 @@ def run_demo(run_dir: str | Path, *, pretrain_steps: int = 2000, finetune_steps:
             start = time.perf_counter()
             out[run] = _finetune(TASKS[name], init, run_dir / run, finetune_steps, progress, workers)
             seconds[run] = time.perf_counter() - start
-        metric, value, baselines = load_config(TASKS[name]).task.headline(out[name])
-        random_value = load_config(TASKS[name]).task.headline(out[name + RANDOM_INIT])[1] if random_init else None
+        headline = load_config(TASKS[name]).task.headline
+        metric, value, baselines = headline(out[name])
+        random_value = headline(out[name + RANDOM_INIT])[1] if random_init else None
         out["rows"].append({"task": name, "metric": metric, "pretrained": value, "random_init": random_value,
                             "baselines": baselines})
     out["seconds"] = seconds

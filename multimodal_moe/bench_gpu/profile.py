@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -117,17 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    results = []
-    for preset in args.presets.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            start = time.time()
-            try:
-                results.append(profile_one(preset, batch, device, args.steps, args.top))
-            except Exception as e:  # one preset's failure (out of memory, say) does not lose the others
-                results.append({"preset": preset, "batch": batch, "error": f"{type(e).__name__}: {e}"[:500]})
-            print(f"{preset} batch {batch}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    runs = [(preset, int(b)) for preset in args.presets.split(",") for b in args.batches.split(",")]
+    # one preset's failure (out of memory, say) is its entry and does not lose the others
+    entries = each("profile", {f"{p} x{b}": lambda p=p, b=b: {"ok": True, **profile_one(p, b, device, args.steps,
+                                                                                         args.top)} for p, b in runs},
+                   deadline=math.inf)
+    results = [{"preset": p, "batch": b, **entry} for (p, b), entry in zip(runs, entries.values())]
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:

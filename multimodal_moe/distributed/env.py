@@ -72,6 +72,18 @@ class DistEnv:
             dist.all_reduce(t)
         return t
 
+    def update_shares(self, counts: list[list[int]]) -> list[list[float]]:
+        """Loss weights that make an update's loss the mean over all of its items (masked tokens,
+        say), given ``counts[m][p]``, the items of part p in micro-batch m on this rank: each
+        micro-batch's share of the part's items over all micro-batches and ranks (summed on the
+        CPU: the group always has gloo for it), times the micro-batches and ranks that the trainer
+        and DDP average over. A part with no items anywhere weighs 0; in one process with one
+        micro-batch every other weight is exactly 1."""
+        totals = torch.tensor([sum(parts) for parts in zip(*counts)], dtype=torch.float64)
+        totals = self.sum_(totals).tolist()
+        scale = self.world * len(counts)
+        return [[c * scale / total if total else 0.0 for c, total in zip(parts, totals)] for parts in counts]
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         if not self.distributed:

@@ -347,12 +347,7 @@ class MaskedDataModeling(Task):
         every weight is exactly 1."""
         read = [_read_masks(step) for step in micro_batches]
         counts = [[len(masked[name]) if name in masked else 0 for name in PARTS] for masked, _, _ in read]
-        totals = torch.tensor([sum(c[i] for c in counts) for i in range(len(PARTS))], dtype=torch.float64)
-        env = current()
-        env.sum_(totals)  # a CPU tensor: the process group always has gloo for it
-        scale, totals = env.world * len(micro_batches), totals.tolist()
-        weights = [{name: c[i] * scale / totals[i] if totals[i] else 0.0 for i, name in enumerate(PARTS)}
-                   for c in counts]
+        weights = [dict(zip(PARTS, shares)) for shares in current().update_shares(counts)]
         return [WeightedStep(step, w, *facts) for step, w, facts in zip(micro_batches, weights, read)]
 
     def uses_every_parameter(self) -> bool:
