@@ -343,18 +343,25 @@ class TopKMoE(nn.Module):
         balance = E * (share_E * _masked_mean(probs_NE, real_N, real)).sum()
         z_loss = _masked_mean(torch.logsumexp(logits_NE, dim=-1).pow(2), real_N, real)
         aux_loss = cfg.balance_loss_weight * balance + cfg.z_loss_weight * z_loss
+        stats = self._stats(probs_NE, real_N, real, counts_E.float(), share_E, 1 - kept_E.sum().float() / assignments,
+                            balance, z_loss)
+        return y_ND, aux_loss, stats
+
+    def _stats(self, probs_NE, real_N, real, tokens_per_expert_E, share_E, dropped_fraction, balance, z_loss
+               ) -> dict[str, torch.Tensor]:
+        """The routing statistics of both routings (detached, on the device)."""
+        N, E = probs_NE.shape
         with torch.no_grad():
             entropy_N = -(probs_NE * probs_NE.clamp_min(1e-12).log()).sum(-1)
-            stats = {
-                "tokens_per_expert": counts_E.float(),
-                "dropped_fraction": 1 - kept_E.sum().float() / assignments,
+            return {
+                "tokens_per_expert": tokens_per_expert_E,
+                "dropped_fraction": dropped_fraction,
                 "router_entropy": _masked_mean(entropy_N, real_N, real),
-                "activation_ratio": (share_E > cfg.activation_threshold / E).float().mean(),
-                "routed_tokens": real.float() if real_N is not None else x_ND.new_full((), N, dtype=torch.float32),
+                "activation_ratio": (share_E > self.cfg.activation_threshold / E).float().mean(),
+                "routed_tokens": real.float() if real_N is not None else probs_NE.new_full((), N),
                 "balance_loss": balance.detach(),
                 "z_loss": z_loss.detach(),
             }
-        return y_ND, aux_loss, stats
 
     def _expert_choice(self, x_ND, logits_NE, probs_NE, real_N) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Each expert's top-C tokens by router probability through the (E, C) layout; see the
@@ -379,18 +386,9 @@ class TopKMoE(nn.Module):
             picked_N = torch.zeros(N, device=x_ND.device).index_add_(0, rows_EC.reshape(-1),
                                                                       chosen_EC.reshape(-1).float())
             unpicked = (picked_N == 0) if real_N is None else (picked_N == 0) & real_N
-            real_f = real.float() if real_N is not None else x_ND.new_full((), N, dtype=torch.float32)
-            entropy_N = -(probs_NE * probs_NE.clamp_min(1e-12).log()).sum(-1)
-            share_E = counts_E / counts_E.sum().clamp_min(1)
-            stats = {
-                "tokens_per_expert": counts_E,
-                "dropped_fraction": unpicked.sum().float() / real_f.clamp_min(1),  # tokens no expert took
-                "router_entropy": _masked_mean(entropy_N, real_N, real),
-                "activation_ratio": (share_E > cfg.activation_threshold / E).float().mean(),
-                "routed_tokens": real_f,
-                "balance_loss": torch.zeros((), device=x_ND.device),
-                "z_loss": z_loss.detach(),
-            }
+            dropped = unpicked.sum().float() / (real.float().clamp_min(1) if real_N is not None else N)  # none took
+        stats = self._stats(probs_NE, real_N, real, counts_E, counts_E / counts_E.sum().clamp_min(1), dropped,
+                            torch.zeros((), device=x_ND.device), z_loss)
         return y_ND, cfg.z_loss_weight * z_loss, stats
 
     def _grouped(self, x_ND, rows_M, gate_M, kept_E) -> torch.Tensor:
