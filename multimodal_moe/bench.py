@@ -52,6 +52,11 @@ def moe_variants(dense_hidden: int, activation: str = "gelu") -> dict[str, FFNCo
         "expert_choice_2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2,
                                               routing="expert_choice", capacity_factor=1.0,
                                               **{**topk, "balance_loss_weight": 0.0}),
+        # auxiliary-loss-free balancing with DeepSeek-V3's sigmoid router (arXiv 2408.15664, 2412.19437)
+        "loss_free_sigmoid_top2_of_8": TopKMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2,
+                                                     score="sigmoid", renormalize=True, bias_update_rate=1e-3,
+                                                     sequence_balance_loss_weight=1e-4,
+                                                     **{**topk, "balance_loss_weight": 0.0, "z_loss_weight": 0.0}),
         "mh_moe_h4_top2_of_8": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=8, top_k=2, heads=4,
                                                   **topk),
         "mh_moe_h4_top2_of_32": MultiHeadMoEConfig(hidden_dim=dense_hidden // 2, num_experts=32, top_k=2, heads=4,
@@ -155,16 +160,22 @@ def _peak_step_memory_mb(name: str, batch: int, seq: int, dim: int, dense_hidden
 
 def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: int = 2048, rounds: int = 7,
               threads: int = 2, memory: bool = True, huggingface: bool = True, progress: bool = False,
-              keep_freed_memory: bool = True) -> dict:
+              keep_freed_memory: bool = True, compile_backend: str | None = None) -> dict:
     """Forward+backward tokens/s of every variant and its ratio to the dense FFN; see the
-    module docstring. Returns the JSON-ready report."""
+    module docstring. With ``compile_backend`` (``inductor``: ``torch.compile``'s default) every
+    variant is also timed compiled (``fullgraph``: a graph break fails the benchmark), after a
+    warm-up that compiles it, against its eager self. Returns the JSON-ready report."""
     tuned = keep_freed_memory and runtime.keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokens = batch * seq
     x_BTD = torch.randn(batch, seq, dim, requires_grad=True)
     variants = moe_variants(dense_hidden)
-    steps = {name: _step_fn(cfg.build(dim), x_BTD) for name, cfg in variants.items()}
+    modules = {name: cfg.build(dim) for name, cfg in variants.items()}
+    steps = {name: _step_fn(module, x_BTD) for name, module in modules.items()}
+    if compile_backend:
+        for name, module in modules.items():  # the same weights, compiled
+            steps[f"compiled/{name}"] = _step_fn(torch.compile(module, backend=compile_backend, fullgraph=True), x_BTD)
     for name in LAYOUT_VARIANTS:  # the padded (E, C) layout, which fp32 on CUDA takes, vs the grouped one
         padded = variants[name].build(dim)
         padded.dispatch = "padded"
@@ -209,6 +220,12 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
                             "padded_tokens_per_s": round(rate[f"padded/{name}"]),
                             "padded_vs_grouped": round(rate[f"padded/{name}"] / rate[name], 3)}
                      for name in LAYOUT_VARIANTS}}
+    if compile_backend:
+        report["compiled"] = {"backend": compile_backend, "note": "compiled vs eager of the same module, fullgraph "
+                              "(no graph break); compilation in the warm-up, not timed", "variants": {
+                                  name: {"compiled_tokens_per_s": round(rate[f"compiled/{name}"]),
+                                         "compiled_vs_eager": round(rate[f"compiled/{name}"] / rate[name], 3)}
+                                  for name in variants}}
     report["huggingface_mixtral_eager"] = {"transformers": hf_status, "variants": {
         name: {"ours_tokens_per_s": round(rate[ours]), "hf_tokens_per_s": round(rate[theirs]),
                "ours_vs_hf": round(rate[ours] / rate[theirs], 3),
@@ -228,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-hidden", type=int, default=2048)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Mixtral comparison")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time every variant under torch.compile (default backend: inductor), vs eager")
     p.add_argument("--default-allocator", action="store_true",
                    help="leave glibc's malloc as it is (freed large blocks go back to the kernel)")
     args = p.parse_args(argv)
     report = bench_moe(batch=args.batch, seq=args.seq, dim=args.dim, dense_hidden=args.dense_hidden,
                        rounds=args.rounds, threads=args.threads, memory=not args.no_memory,
                        huggingface=not args.no_hf, progress=True,
-                       keep_freed_memory=not args.default_allocator)
+                       keep_freed_memory=not args.default_allocator, compile_backend=args.compile)
     print(json.dumps(report, indent=2))
     return 0
 

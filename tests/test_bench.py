@@ -23,6 +23,16 @@ def test_report_on_tiny_shapes():
     assert report["huggingface_mixtral_eager"] == {"transformers": "skipped", "variants": {}}
 
 
+def test_compiled_variants_are_timed_against_their_eager_selves():
+    report = bench_moe(batch=32, seq=2, dim=32, dense_hidden=64, rounds=1, memory=False, huggingface=False,
+                       compile_backend="aot_eager")  # AOTAutograd's graphs run eagerly: no compiler needed
+    compiled = report["compiled"]
+    assert compiled["backend"] == "aot_eager" and set(compiled["variants"]) == set(moe_variants(64))
+    assert all(v["compiled_tokens_per_s"] > 0 and v["compiled_vs_eager"] > 0 for v in compiled["variants"].values())
+    assert "compiled" not in bench_moe(batch=32, seq=2, dim=32, dense_hidden=64, rounds=1, memory=False,
+                                       huggingface=False)
+
+
 def test_peak_memory_of_a_step_is_measured_in_a_fresh_process():
     small = _peak_step_memory_mb("dense", 32, 4, 32, 64, tuned=True)
     large = _peak_step_memory_mb("dense", 32, 256, 256, 1024, tuned=True)  # activations of about 64 MiB
@@ -31,8 +41,8 @@ def test_peak_memory_of_a_step_is_measured_in_a_fresh_process():
 
 @pytest.mark.parametrize("sparse, dense", [  # the debug presets: tests/test_preset_fidelity.py
     ("lm/deepseekmoe_64e", "lm/mhmoe_backbone"), ("beit3/base_deepseekmoe_64e", "beit3/base"),
-    ("beit3/base_ec_8e", "beit3/base")])
-def test_fine_grained_and_expert_choice_base_presets_do_their_dense_ffns_multiply_adds(sparse, dense):
+    ("beit3/base_ec_8e", "beit3/base"), ("lm/lossfree_8e", "lm/mhmoe_backbone"), ("beit3/base_lossfree_8e", "beit3/base")])
+def test_fine_grained_expert_choice_and_loss_free_base_presets_do_their_dense_ffns_multiply_adds(sparse, dense):
     import multimodal_moe as mm
 
     moe, ffn = mm.load_config(sparse).model, mm.load_config(dense).model

@@ -108,6 +108,9 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("lm/mot_debug", ["train.data_parallel=fsdp"]),  # MoT: experts sharded as ordinary parameters
     ("lm/xmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
     ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
+    # loss-free balancing: each bias moved by the load of the update on both ranks (one all-reduce)
+    ("lm/lossfree_debug", ["train.data_parallel=fsdp"]),
+    ("lm/lossfree_debug", ["train.expert_parallel=2"]),
     # the CLIP loss over features gathered with their gradient (its encoder has an X-MoE layer)
     ("finetune/retrieval_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
     # both images of a pair through the encoder as 2B rows, then the pair head
@@ -118,7 +121,8 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("finetune/captioning_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
     # masked data modeling: each part the mean over the global batch's masked positions
     ("beit3/debug", ["train.data_parallel=ddp"]),
-], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "retrieval-ddp",
+], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "lossfree-fsdp",
+        "lossfree-expert-parallel", "retrieval-ddp",
         "nlvr2-ddp", "classification-ddp", "captioning-ddp", "mmm-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
     base = RETRIEVAL if preset.startswith("finetune/") else MMM if preset.startswith("beit3/") else BASE
@@ -138,6 +142,8 @@ def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
     assert ours.keys() == theirs.keys()
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], atol=2e-5, rtol=1e-4, msg=k)
+    if "lossfree" in preset:  # the biases moved, on both sides alike
+        assert any(k.endswith("expert_bias") and ours[k].abs().sum() > 0 for k in ours)
 
 
 def fit_on_rank(rank: int, cfg: mm.Config, run_dir: Path, resume: bool) -> None:

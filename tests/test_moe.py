@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from multimodal_moe.bench import moe_variants
 from multimodal_moe.configurable import ConfigError
 from multimodal_moe.layers.experts import _grouped_kernel, _grouped_mm_supported
 from multimodal_moe.layers.moe import MultiHeadMoEConfig, TopKMoEConfig
@@ -23,8 +24,14 @@ def expert_oracle(moe, e, x_D):
 
 
 def oracle_choices(moe, x_ND):
-    """(gates, experts), each (N, K), straight from the router's softmax."""
-    gates, experts = moe.router(x_ND).softmax(-1).topk(moe.cfg.top_k, dim=-1)
+    """(gates, experts), each (N, K): per token a Python sort of the experts by score (softmax or
+    sigmoid) plus the balancing bias, the gates being the unbiased scores of the K first."""
+    logits = moe.router(x_ND)
+    scores = logits.softmax(-1) if moe.cfg.score == "softmax" else logits.sigmoid()
+    bias = [0.0] * moe.cfg.num_experts if moe.expert_bias is None else moe.expert_bias.tolist()
+    experts = torch.tensor([sorted(range(moe.cfg.num_experts), key=lambda e: -(row[e].item() + bias[e]))[:moe.cfg.top_k]
+                            for row in scores], dtype=torch.long).view(-1, moe.cfg.top_k)
+    gates = scores.gather(1, experts)
     return (gates / gates.sum(-1, keepdim=True) if moe.cfg.renormalize else gates), experts
 
 
@@ -114,6 +121,9 @@ CASES = {
     "xmoe": dict(router="xmoe", top_k=1),
     "shared_expert": dict(shared_expert_dim=24, activation="silu"),
     "unaligned_dims_split_path": dict(hidden_dim=10),
+    "sigmoid": dict(score="sigmoid"),
+    "sigmoid_renorm_biased": dict(score="sigmoid", renormalize=True, bias_update_rate=1e-3),
+    "softmax_biased_capacity": dict(bias_update_rate=1e-3, capacity_factor=0.5),
 }
 
 
@@ -123,6 +133,8 @@ CASES = {
 def test_topk_matches_loop_oracle(case, padded, layout):
     moe = make(**CASES[case])
     moe.dispatch = layout  # both expert layouts give the same tokens the same experts and gates
+    if moe.expert_bias is not None:  # a bias that changes choices (the scores of 4 experts are close)
+        moe.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
     x = torch.randn(3, 5, 16, requires_grad=True)
     mask = None
     if padded:
@@ -428,3 +440,117 @@ def test_expert_choice_config_and_its_refusals():
     moe.experts.holds_all_experts = False  # as expert parallelism's experts are
     with pytest.raises(ValueError, match="does not take expert parallelism"):
         moe(torch.randn(1, 4, 16))
+
+
+# -- auxiliary-loss-free balancing (sigmoid scores, a bias on the choice) --
+
+def test_the_balancing_bias_steers_the_choice_and_never_the_gates():
+    moe = make(score="sigmoid", bias_update_rate=1e-3, top_k=1)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # outweighs any score difference
+    out = moe(x)
+    assert out.stats["tokens_per_expert"].tolist() == [0, 0, 12, 0]
+    gate = moe.router(x.reshape(-1, 16))[:, 2].sigmoid()[:, None]
+    torch.testing.assert_close(out.hidden.reshape(-1, 16), gate * expert_oracle(moe, 2, x.reshape(-1, 16)))
+    out.hidden.sum().backward()
+    assert moe.router.weight_ED.grad.abs().sum() > 0 and "expert_bias" in dict(moe.named_buffers())
+    assert "expert_bias" in moe.state_dict() and "expert_bias" not in make().state_dict()
+
+
+def test_bias_update_counts_every_micro_batch_of_the_update_and_nothing_else():
+    from multimodal_moe.layers.moe import discard_expert_loads, update_expert_biases
+
+    moe = make(score="sigmoid", renormalize=True, bias_update_rate=0.01)
+    x1, x2 = torch.randn(2, 5, 16), torch.randn(3, 4, 16)
+    mask2 = torch.ones(3, 4, dtype=torch.bool)
+    mask2[1, 2:] = False  # padding is not load
+    moe(x1)
+    moe(x2, token_mask_BT=mask2)
+    moe.eval()(x1)  # evaluation is not load
+    moe.train()
+    chosen = torch.cat([oracle_choices(moe, x1.reshape(-1, 16))[1], oracle_choices(moe, x2[mask2])[1]])
+    load = torch.stack([(chosen == e).sum() for e in range(4)]).float()
+    seen = []
+    update_expert_biases(moe, lambda t: seen.append(t.clone()) or t)
+    torch.testing.assert_close(seen[0], load)  # one collective for every layer's counts
+    torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(load.mean() - load))
+    assert moe.load_E is None  # the next update counts afresh
+    update_expert_biases(moe, lambda t: t)  # an update that saw no tokens: zeros, no move
+    torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(load.mean() - load))
+    moe(x1)
+    discard_expert_loads(moe)  # a skipped (non-finite) step
+    assert moe.load_E is None
+
+
+def test_activation_checkpointing_counts_the_load_once():
+    from torch import nn
+
+    from multimodal_moe.layers.block import Block, run_blocks
+
+    torch.manual_seed(0)
+    cfg = TopKMoEConfig(hidden_dim=32, num_experts=4, top_k=2, score="sigmoid", bias_update_rate=1e-3)
+    block = Block(dim=16, heads=2, ffns=cfg, make_norm=lambda: nn.LayerNorm(16))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y, _, stats = run_blocks([block], x, grad_checkpointing=True)
+    y.sum().backward()  # reruns the block's forward
+    assert block.ffn.load_E.sum() == 2 * 5 * 2
+    torch.testing.assert_close(block.ffn.load_E, stats[0]["shared"]["tokens_per_expert"])
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_sequence_balance_loss_matches_a_loop_over_sequences(score):
+    moe = make(score=score, renormalize=True, sequence_balance_loss_weight=1.0, balance_loss_weight=0.0,
+               z_loss_weight=0.0, bias_update_rate=1e-3)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    mask[2, :] = False  # a sequence of padding alone counts for nothing
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.1, 0.0, -0.1, 0.0]))
+    out = moe(x, token_mask_BT=mask)
+    E, K, losses = 4, 2, []
+    for b in range(3):
+        rows = x[b][mask[b]]
+        if not len(rows):
+            continue
+        logits = moe.router(rows)
+        probs = logits.softmax(-1) if score == "softmax" else logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)
+        chosen = oracle_choices(moe, rows)[1]
+        f = torch.stack([(chosen == e).sum() for e in range(E)]).float() * E / (K * len(rows))
+        losses.append((f * probs.mean(0)).sum())
+    torch.testing.assert_close(out.aux_loss, torch.stack(losses).mean())
+    out.aux_loss.backward()
+    assert moe.router.weight_ED.grad.abs().sum() > 0
+
+
+def test_loss_free_balancing_config_refusals():
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(hidden_dim=8, bias_update_rate=-1e-3)
+    assert info.value.key == "bias_update_rate"
+    for key, value in [("bias_update_rate", 1e-3), ("sequence_balance_loss_weight", 1e-4)]:
+        with pytest.raises(ConfigError) as info:
+            TopKMoEConfig(hidden_dim=8, **EC, **{key: value})
+        assert info.value.key == key and "no load to balance" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(hidden_dim=8, **EC, score="sigmoid")
+    assert info.value.key == "score" and "token choice" in info.value.message
+    with pytest.raises(ConfigError) as info:
+        TopKMoEConfig(hidden_dim=8, top_k=1, score="sigmoid", renormalize=True)
+    assert info.value.key == "renormalize"
+
+
+# -- torch.compile --
+
+@pytest.mark.parametrize("name", [n for n in moe_variants(64) if n != "dense"])
+def test_every_ffn_kind_compiles_without_a_graph_break_and_equals_eager(name):
+    """fullgraph=True fails on any graph break (dispatch, routing, the loss-free load count);
+    AOTAutograd's graphs run eagerly (backend aot_eager), so the comparison needs no compiler.
+    In fp32 on the CPU the compiled layer takes the padded expert layout, eager the grouped one."""
+    torch.manual_seed(0)
+    moe = moe_variants(64)[name].build(32)
+    x = torch.randn(32, 4, 32, requires_grad=True)
+    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    assert_same_with_grads(moe, x, lambda: compiled(x).hidden, lambda: moe(x).hidden)
+    torch.testing.assert_close(compiled(x).aux_loss, moe(x).aux_loss, rtol=1e-5, atol=1e-6)

@@ -66,8 +66,9 @@ LM_FFNS = {
     "mh_moe_capacity": ("lm/mhmoe_debug", []),
     "mh_moe_dropless": ("lm/mhmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
     "mot": ("lm/mot_debug", []),
+    "loss_free": ("lm/lossfree_debug", []),  # sigmoid gates, the bias update after the optimizer step
 }
-DROPLESS_MOE = {"topk_softmax_dropless", "xmoe_dropless", "shared_expert", "mh_moe_dropless"}
+DROPLESS_MOE = {"topk_softmax_dropless", "xmoe_dropless", "shared_expert", "mh_moe_dropless", "loss_free"}
 MOE_OVERRIDES = ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null"]  # evaluation cases
 PRECISIONS = ["fp32", "bf16"]
 # small batches and shuffle buffers: the simulation runs every op in Python

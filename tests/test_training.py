@@ -78,6 +78,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 @pytest.mark.parametrize("preset, recipe", [
     ("beit3/debug", []), ("lm/xmoe_debug", []),
+    ("lm/lossfree_debug", []),  # the balancing biases are checkpointed with the weights
     # Adafactor's factored moments and a schedule with a constant phase come back as well
     ("lm/xmoe_debug", ["train.optimizer=adafactor", "train.schedule=inverse_sqrt", "train.warmup_steps=0",
                        "train.constant_steps=5", "train.lr=0.01"]),
@@ -590,3 +591,40 @@ def test_compiled_backbone_trains_like_the_eager_one(tmp_path, preset, overrides
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], **tolerance)
     assert set(load_file(tmp_path / "compiled/checkpoints/latest/model.safetensors")) == \
         set(load_file(tmp_path / "eager/checkpoints/latest/model.safetensors"))
+
+
+def test_loss_free_balancing_moves_each_bias_by_its_whole_update_load(tmp_path):
+    """lm/lossfree_debug: after each optimizer step every layer's bias moves by
+    gamma * sign(mean - load), the load summed over both micro-batches of the update, as with one
+    big batch; a non-finite step moves nothing."""
+    from data_pipelines.batches import LMBatch
+    from multimodal_moe.layers.moe import TopKMoE
+    from multimodal_moe.training import Trainer
+
+    cfg = config("lm/lossfree_debug")
+    big = next(iter(build_task(cfg).train_data(seed=0, num_workers=0)))
+    halves = [LMBatch(keys=[], ids_BT=big.ids_BT[:4]), LMBatch(keys=[], ids_BT=big.ids_BT[4:])]
+    one = Trainer(cfg, tmp_path / "one", progress=False)
+    two = Trainer(mm.load_config("lm/lossfree_debug", [*LM_FAST, "train.grad_accum=2"]), tmp_path / "two",
+                  progress=False)
+    layers = [m for m in two.task.modules() if isinstance(m, TopKMoE)]
+    assert layers and all(m.expert_bias is not None for m in layers)
+    seen = []
+    step = two.optimizer.step
+    two.optimizer.step = lambda: (seen.append([m.load_E.clone() for m in layers]), step())[1]
+    for _ in range(3):
+        before = [m.expert_bias.clone() for m in layers]
+        one.train_step([big]), two.train_step(halves)
+        for m, b, load in zip(layers, before, seen[-1]):
+            assert load.sum() == big.ids_BT[:, 1:].numel() * 2  # every input token of both halves, top-2
+            torch.testing.assert_close(m.expert_bias, b + 1e-3 * torch.sign(load.mean() - load))
+    assert any(m.expert_bias.abs().sum() > 0 for m in layers)
+    for name, b in one.task.named_buffers():
+        if name.endswith("expert_bias"):
+            torch.testing.assert_close(b, two.task.get_buffer(name), msg=name)
+    before = [m.expert_bias.clone() for m in layers]
+    nan = LMBatch(keys=[], ids_BT=big.ids_BT[:4])
+    with torch.no_grad():
+        two.task.model.tok_embed.weight.fill_(float("nan"))  # every loss NaN: the step is skipped
+    assert not two.train_step([nan, nan]).applied
+    assert all(torch.equal(m.expert_bias, b) and m.load_E is None for m, b in zip(layers, before))

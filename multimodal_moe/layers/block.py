@@ -12,6 +12,7 @@ kind; it calls the FFN interface of :mod:`multimodal_moe.layers.ffn`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionBackend
 from .ffn import FFNConfig
+from .moe import recomputation
 from .multiway import Multiway, per_modality, route, segments
 
 __all__ = ["Block", "BlockStats", "run_blocks"]
@@ -92,6 +94,12 @@ class Block(nn.Module):
         return x_BTD + self.drop_path(ffn_BTD), aux_loss, stats
 
 
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Activation checkpointing's (forward, recomputation) contexts: the rerun is marked, so
+    nothing counted per forward (loss-free balancing's loads) is counted twice."""
+    return contextlib.nullcontext(), recomputation()
+
+
 def run_blocks(blocks: Sequence[Block], x_BTD: torch.Tensor, *, grad_checkpointing: bool = False, **kwargs,
                ) -> tuple[torch.Tensor, torch.Tensor, list[BlockStats]]:
     """Run ``blocks`` in order; returns hidden states, the summed aux loss and per-layer stats.
@@ -102,7 +110,8 @@ def run_blocks(blocks: Sequence[Block], x_BTD: torch.Tensor, *, grad_checkpointi
     aux_loss, layer_stats = x_BTD.new_zeros(()), []
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
-            x_BTD, aux, stats = checkpoint(block, x_BTD, use_reentrant=False, **kwargs)
+            x_BTD, aux, stats = checkpoint(block, x_BTD, use_reentrant=False, context_fn=_recompute_contexts,
+                                           **kwargs)
         else:
             x_BTD, aux, stats = block(x_BTD, **kwargs)
         aux_loss = aux_loss + aux

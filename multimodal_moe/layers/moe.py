@@ -61,6 +61,21 @@ would see the future through them: the LM refuses it (MoMa's auxiliary routers, 
 are the known fix). Padding tokens score below every real one and get gate 0 where a short batch
 still reaches them.
 
+Auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664; DeepSeek-V3, arXiv 2412.19437):
+``score: sigmoid`` gives each expert its own affinity s_e = sigmoid(logit_e) (the gates; with
+``renormalize`` divided by their sum over the chosen K, as DeepSeek-V3 does), and with
+``bias_update_rate`` gamma > 0 the top-k choice ranks s_e + b_e, where b is a per-expert bias
+that never enters the gates nor any gradient. During training each layer counts its assignments
+per expert over the whole update (every micro-batch; not again when activation checkpointing
+recomputes a forward), and after each optimizer step :func:`update_expert_biases` averages the
+counts over the ranks (one all-reduce for all layers) and moves b_e by gamma * sign(mean load -
+load_e): overloaded experts become less attractive. The bias is a buffer, so checkpoints hold
+it and a resumed run continues it exactly (torchtitan also centres b; the paper does not, nor do
+we). The sequence-wise loss (``sequence_balance_loss_weight``, DeepSeek-V3's complementary one)
+is the balance loss above computed within each sequence (f and P over its real tokens, P from
+the scores normalised over E) and averaged over the sequences. The balance loss and the
+statistics read the sigmoid scores normalised over E as the router's probabilities.
+
 Statistics (``FFNOutput.stats``, detached, no host sync): ``tokens_per_expert`` (E,),
 ``dropped_fraction``, ``router_entropy`` (mean, nats), ``activation_ratio`` (share of experts
 whose share of the assignments exceeds ``activation_threshold / E``, i.e. a fraction of the
@@ -69,7 +84,10 @@ uniform share), ``routed_tokens``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -80,7 +98,22 @@ from ..configurable import ConfigError, config
 from .experts import GroupedExperts
 from .ffn import Activation, DenseFFNConfig, FFNConfig, FFNOutput
 
-__all__ = ["MultiHeadMoE", "MultiHeadMoEConfig", "Router", "TopKMoE", "TopKMoEConfig"]
+__all__ = ["MultiHeadMoE", "MultiHeadMoEConfig", "Router", "TopKMoE", "TopKMoEConfig", "discard_expert_loads",
+           "recomputation", "update_expert_biases"]
+
+_RECOMPUTING = threading.local()  # set while activation checkpointing reruns a forward (on its thread)
+
+
+@contextlib.contextmanager
+def recomputation() -> Iterator[None]:
+    """Entered by activation checkpointing around the forward it reruns in the backward pass, so
+    that the loads of loss-free balancing are counted once (``context_fn`` of
+    ``torch.utils.checkpoint``)."""
+    _RECOMPUTING.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTING.active = False
 
 
 @FFNConfig.register("topk_moe")
@@ -107,6 +140,13 @@ class TopKMoEConfig(FFNConfig):
         activation_threshold: expert counts as active above this fraction of its uniform share.
         routing: token_choice (each token its top K experts) | expert_choice (each expert its top
             C tokens; see the module docstring: needs a capacity_factor and no balance loss).
+        score: softmax (over the E logits) | sigmoid (each logit alone, DeepSeek-V3): the
+            router's affinity of a token for each expert, and its gate.
+        bias_update_rate: gamma of auxiliary-loss-free balancing (0: off; DeepSeek-V3: 0.001):
+            a per-expert bias added to the scores for the top-k choice only, moved by
+            -gamma * sign(load - mean load) after every optimizer step (see the module docstring).
+        sequence_balance_loss_weight: DeepSeek-V3's sequence-wise balance loss (0: off; it uses
+            1e-4 beside loss-free balancing): the balance loss within each sequence, averaged.
     """
 
     hidden_dim: int
@@ -126,6 +166,9 @@ class TopKMoEConfig(FFNConfig):
     shared_expert_dim: int | None = None
     activation_threshold: float = 0.1
     routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    bias_update_rate: float = 0.0
+    sequence_balance_loss_weight: float = 0.0
 
     def check(self) -> None:
         for name in ("hidden_dim", "num_experts", "xmoe_dim"):
@@ -144,7 +187,8 @@ class TopKMoEConfig(FFNConfig):
                 raise ConfigError(name, f"must be positive (or null for dropless), got {value}")
         if self.xmoe_temperature <= 0:
             raise ConfigError("xmoe_temperature", f"must be positive, got {self.xmoe_temperature}")
-        for name in ("balance_loss_weight", "z_loss_weight", "activation_threshold"):
+        for name in ("balance_loss_weight", "z_loss_weight", "activation_threshold", "bias_update_rate",
+                     "sequence_balance_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.router_jitter < 1:
@@ -156,9 +200,13 @@ class TopKMoEConfig(FFNConfig):
                 raise ConfigError("capacity_factor", "expert choice gives each expert a fixed capacity C = "
                                                      "ceil(capacity_factor * top_k * N / E): set a capacity_factor "
                                                      "(and an eval_capacity_factor other than dropless)")
-            if self.balance_loss_weight:
-                raise ConfigError("balance_loss_weight", "expert choice fills every expert to its capacity, so there "
-                                                         "is no load to balance: set balance_loss_weight: 0")
+            for name in ("balance_loss_weight", "sequence_balance_loss_weight", "bias_update_rate"):
+                if getattr(self, name):
+                    raise ConfigError(name, f"expert choice fills every expert to its capacity, so there is no load "
+                                            f"to balance: set {name}: 0")
+            if self.score != "softmax":
+                raise ConfigError("score", "expert choice ranks the tokens by their softmax probability for each "
+                                           "expert; the sigmoid score is for token choice")
 
     @property
     def experts_per_token(self) -> float:
@@ -265,6 +313,10 @@ class TopKMoE(nn.Module):
         self.cfg = cfg
         self.router = Router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim, cfg.activation, init_scale)
+        # loss-free balancing: the bias of the top-k choice (a buffer: checkpointed, never trained)
+        # and the update's assignments per expert so far (not a buffer: DDP would broadcast it)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.bias_update_rate > 0 else None)
+        self.load_E: torch.Tensor | None = None
         self.shared_expert = None
         if cfg.shared_expert_dim is not None:
             shared = DenseFFNConfig(hidden_dim=cfg.shared_expert_dim, activation=cfg.activation, sub_ln=False,
@@ -273,25 +325,34 @@ class TopKMoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, *, token_mask_BT: torch.Tensor | None = None) -> FFNOutput:
         real_N = None if token_mask_BT is None else token_mask_BT.reshape(-1)
-        y_ND, aux_loss, stats = self.route(x_BTD.reshape(-1, x_BTD.shape[-1]), real_N)
+        y_ND, aux_loss, stats = self.route(x_BTD.reshape(-1, x_BTD.shape[-1]), real_N, sequences=x_BTD.shape[0])
         out_BTD = y_ND.reshape(x_BTD.shape)
         if self.shared_expert is not None:
             out_BTD = out_BTD + self.shared_expert(x_BTD).hidden
         return FFNOutput(out_BTD, aux_loss, stats)
 
-    def route(self, x_ND: torch.Tensor, real_N: torch.Tensor | None = None
+    def route(self, x_ND: torch.Tensor, real_N: torch.Tensor | None = None, *, sequences: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Route N tokens (or sub-tokens) through the experts: (output, aux loss, stats). Rows
-        where ``real_N`` is False are padding: not routed (zero output), not counted."""
+        where ``real_N`` is False are padding: not routed (zero output), not counted. The rows
+        are ``sequences`` sequences of N / sequences rows each (for the sequence-wise loss)."""
         cfg, (N, D), E, K = self.cfg, x_ND.shape, self.cfg.num_experts, self.cfg.top_k
         router_in_ND = x_ND
         if self.training and cfg.router_jitter > 0:
             router_in_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
         logits_NE = self.router(router_in_ND)
-        probs_NE = logits_NE.softmax(dim=-1)
+        if cfg.score == "softmax":
+            scores_NE = probs_NE = logits_NE.softmax(dim=-1)
+        else:  # each expert's own affinity; the losses and statistics read them normalised over E
+            scores_NE = logits_NE.sigmoid()
+            probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
         if cfg.routing == "expert_choice":
             return self._expert_choice(x_ND, logits_NE, probs_NE, real_N)
-        gates_NK, expert_NK = probs_NE.topk(K, dim=-1)
+        if self.expert_bias is None:
+            gates_NK, expert_NK = scores_NE.topk(K, dim=-1)
+        else:  # the bias steers the choice only: the gates are the scores
+            expert_NK = (scores_NE.detach() + self.expert_bias.float()).topk(K, dim=-1).indices
+            gates_NK = scores_NE.gather(1, expert_NK)
         if cfg.renormalize:
             gates_NK = gates_NK / gates_NK.sum(dim=-1, keepdim=True)
         real = N if real_N is None else real_N.sum()  # a device tensor with padding: no host sync
@@ -343,9 +404,35 @@ class TopKMoE(nn.Module):
         balance = E * (share_E * _masked_mean(probs_NE, real_N, real)).sum()
         z_loss = _masked_mean(torch.logsumexp(logits_NE, dim=-1).pow(2), real_N, real)
         aux_loss = cfg.balance_loss_weight * balance + cfg.z_loss_weight * z_loss
+        if cfg.sequence_balance_loss_weight:
+            aux_loss = aux_loss + cfg.sequence_balance_loss_weight * self._sequence_balance(
+                probs_NE, expert_NK, real_N, sequences)
+        if self.expert_bias is not None and self.training and not getattr(_RECOMPUTING, "active", False):
+            load_E = counts_E.detach().float()
+            self.load_E = load_E if self.load_E is None else self.load_E + load_E
         stats = self._stats(probs_NE, real_N, real, counts_E.float(), share_E, 1 - kept_E.sum().float() / assignments,
                             balance, z_loss)
         return y_ND, aux_loss, stats
+
+    def _sequence_balance(self, probs_NE, expert_NK, real_N, sequences: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss: E * sum_e f_e * P_e within each sequence (f_e
+        the share of its real tokens' K choices made to e, P_e their mean probability of e), the
+        mean over the sequences that hold a real token."""
+        (N, E), K = probs_NE.shape, self.cfg.top_k
+        chosen_NE = torch.zeros(N, E + 1, device=probs_NE.device).scatter_(1, expert_NK, 1.0)[:, :E]  # padding: E
+        if real_N is not None:
+            probs_NE = torch.where(real_N[:, None], probs_NE, 0)
+            chosen_NE = torch.where(real_N[:, None], chosen_NE, 0)
+        tokens_S = probs_NE.new_full((sequences,), N // sequences) if real_N is None else \
+            real_N.view(sequences, -1).sum(1).float()
+        share_SE = chosen_NE.view(sequences, -1, E).sum(1) / (K * tokens_S.clamp_min(1))[:, None]
+        mean_SE = probs_NE.view(sequences, -1, E).sum(1) / tokens_S.clamp_min(1)[:, None]
+        return E * (share_SE * mean_SE).sum() / (tokens_S > 0).sum().clamp_min(1)
+
+    def take_load(self) -> torch.Tensor | None:
+        """The assignments per expert counted since the last call (None: none), and a fresh count."""
+        load_E, self.load_E = self.load_E, None
+        return load_E
 
     def _stats(self, probs_NE, real_N, real, tokens_per_expert_E, share_E, dropped_fraction, balance, z_loss
                ) -> dict[str, torch.Tensor]:
@@ -447,7 +534,7 @@ class MultiHeadMoE(TopKMoE):
         sub_Sd = x_ND.reshape(N * self.heads, D // self.heads)  # S = N*h sub-tokens, a view
         real_N = None if token_mask_BT is None else token_mask_BT.reshape(-1)
         real_S = None if real_N is None else real_N[:, None].expand(N, self.heads).reshape(-1)
-        y_Sd, aux_loss, stats = self.route(sub_Sd, real_S)
+        y_Sd, aux_loss, stats = self.route(sub_Sd, real_S, sequences=x_BTD.shape[0])
         if self.cfg.sub_token_residual:
             y_Sd = y_Sd + sub_Sd
         y_ND = y_Sd.reshape(N, D)
@@ -456,3 +543,30 @@ class MultiHeadMoE(TopKMoE):
         if real_N is not None:
             y_ND = torch.where(real_N[:, None], y_ND, 0)  # padding outputs zeros, as in top-k
         return FFNOutput(y_ND.reshape(x_BTD.shape), aux_loss, stats)
+
+
+def _bias_balanced(module: nn.Module) -> list[TopKMoE]:
+    return [m for m in module.modules() if isinstance(m, TopKMoE) and m.expert_bias is not None]
+
+
+@torch.no_grad()
+def update_expert_biases(module: nn.Module, mean_across_ranks: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Loss-free balancing's step, after an optimizer step: each bias-balanced layer of ``module``
+    moves its bias by ``bias_update_rate * sign(mean load - load)``, the load being its
+    assignments per expert over the update on every rank (``mean_across_ranks``, one collective
+    for all layers; every rank calls it, with zeros for a layer that saw no tokens)."""
+    layers = _bias_balanced(module)
+    if not layers:
+        return
+    loads = [m.take_load() for m in layers]
+    load_L = torch.cat([m.expert_bias.new_zeros(m.cfg.num_experts) if load is None else load.to(m.expert_bias)
+                        for m, load in zip(layers, loads)])
+    load_L = mean_across_ranks(load_L)
+    for m, load_E in zip(layers, load_L.split([m.cfg.num_experts for m in layers])):
+        m.expert_bias.add_(torch.sign(load_E.mean() - load_E), alpha=m.cfg.bias_update_rate)
+
+
+def discard_expert_loads(module: nn.Module) -> None:
+    """Forget the loads counted for an update that is not applied (a skipped non-finite step)."""
+    for m in _bias_balanced(module):
+        m.take_load()

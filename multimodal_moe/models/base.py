@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -55,13 +55,14 @@ class ModelConfig(Registry):
     moe_every: int = 0
     moe_layers: tuple[int, ...] = ()
 
-    # fields that change how the model runs, not its weights: a fine-tuning config sets them for
-    # a backbone whose architecture comes from a checkpoint (mmoe finetune --init)
-    RUNTIME_FIELDS = ("drop_path", "grad_checkpointing", "attention_backend")
+    # fields a fine-tuning config sets for a backbone whose architecture comes from a checkpoint
+    # (mmoe finetune --init): how the model runs, not what its weights are (the encoder adds its
+    # image size, to which the loaded vision position table is resized)
+    FINETUNE_FIELDS: ClassVar[tuple[str, ...]] = ("drop_path", "grad_checkpointing", "attention_backend")
 
-    def with_runtime_fields_of(self, other: ModelConfig) -> ModelConfig:
-        """This architecture with ``other``'s :attr:`RUNTIME_FIELDS`."""
-        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.RUNTIME_FIELDS})
+    def with_finetune_fields_of(self, other: ModelConfig) -> ModelConfig:
+        """This architecture with ``other``'s :attr:`FINETUNE_FIELDS`."""
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.FINETUNE_FIELDS})
 
     def check(self) -> None:
         for name in ("depth", "dim", "heads"):

@@ -25,7 +25,7 @@ token use trunc-normal(0.02) (unilm's BEiT-3 wrapper) instead of N(0, 1) positio
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from timm.layers import trunc_normal_
@@ -80,6 +80,9 @@ class MultiwayEncoderConfig(ModelConfig):
     max_text_len: int = 1024
     normalize_output: bool = True
     moe_branches: tuple[Literal["vision", "text", "vision_language"], ...] = ("vision", "text", "vision_language")
+
+    # a fine-tuning config's image size applies to a pretrained backbone (its positions resized)
+    FINETUNE_FIELDS: ClassVar[tuple[str, ...]] = (*ModelConfig.FINETUNE_FIELDS, "image_size")
 
     def check(self) -> None:
         ModelConfig.check(self)

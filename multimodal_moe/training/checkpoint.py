@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..config import Config, dump_config, merge_trees, overrides_tree
 from ..configurable import ConfigError, parse, to_dict
+from ..models.beit3_weights import resize_vision_positions
 from ..state_dicts import compare_state
 from .checkpoint_layout import (
     CHECKSUMS_FILE,
@@ -230,6 +232,19 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
     module.load_state_dict(state, strict=False)
 
 
+VISION_POSITIONS = "vision_embed.pos_embed"  # the encoder's (1, 1 + patches, D) table
+
+
+def at_image_size(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (an encoder's weights) with its vision position table resized to ``model``'s
+    patch grid where the model is built for another image size (bicubic, the CLS row kept, as
+    unilm resizes it); any other state as it is."""
+    ours, table = dict(model.named_parameters()).get(VISION_POSITIONS), state.get(VISION_POSITIONS)
+    if ours is None or table is None or ours.shape == table.shape or ours.shape[2] != table.shape[2]:
+        return state
+    return {**state, VISION_POSITIONS: resize_vision_positions(table, math.isqrt(ours.shape[1] - 1))}
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint directory, read lazily."""
@@ -342,14 +357,15 @@ class Checkpoint:
         return self._read(load_file, name)
 
     def load_model_into(self, model: nn.Module) -> None:
-        """Load the backbone weights (strict: every key present, no extra, same shapes)."""
-        load_weights(model, self.weights(MODEL_FILE), str(self.path / MODEL_FILE))
+        """Load the backbone weights (strict: every key present, no extra, same shapes, but for
+        a vision position table resized to the model's image size: :func:`at_image_size`)."""
+        load_weights(model, at_image_size(model, self.weights(MODEL_FILE)), str(self.path / MODEL_FILE))
 
     def load_task_weights(self, task: nn.Module) -> None:
-        """Load the backbone into ``task.model`` and the task's own weights (heads) into the
-        rest of ``task``, both strictly."""
-        heads = self.weights(HEADS_FILE)
-        load_weights(task, {**{f"model.{k}": v for k, v in self.weights(MODEL_FILE).items()}, **heads},
+        """Load the backbone into ``task.model`` (as :meth:`load_model_into`) and the task's own
+        weights (heads) into the rest of ``task``, both strictly."""
+        heads, backbone = self.weights(HEADS_FILE), at_image_size(task.model, self.weights(MODEL_FILE))
+        load_weights(task, {**{f"model.{k}": v for k, v in backbone.items()}, **heads},
                      str(self.path))
 
     def load_task(self, cfg: Config | None = None) -> nn.Module:
@@ -377,5 +393,6 @@ class Checkpoint:
     def finetune_config(self, cfg: Config) -> Config:
         """``cfg`` for a run that starts from this checkpoint's backbone: the model as it was
         trained (whatever its FFN kinds), with ``cfg``'s drop path, gradient checkpointing and
-        attention backend."""
-        return dataclasses.replace(cfg, model=self.config.model.with_runtime_fields_of(cfg.model))
+        attention backend, and for an encoder ``cfg``'s image size (the vision position table is
+        resized when the weights load: BEiT-3 fine-tunes at 384 or 480 px what it pretrained at 224)."""
+        return dataclasses.replace(cfg, model=self.config.model.with_finetune_fields_of(cfg.model))

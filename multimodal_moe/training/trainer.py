@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 from ..config import Config, dump_config
 from ..configurable import to_dict
 from ..distributed import init_distributed, parallelize
+from ..layers.moe import discard_expert_loads, update_expert_biases
 from ..runtime import autocast_dtype, keep_freed_memory, rng_state, set_rng_state, sigterm_flag
 from ..tasks import build_task
 from .checkpoint import (
@@ -96,8 +97,9 @@ class Trainer:
             has checkpoints is refused.
         progress: show a progress bar (rank 0).
         init: a checkpoint to start from (fine-tuning, continued pretraining): the run takes its
-            architecture, with ``cfg.model``'s run-time fields (:attr:`ModelConfig.RUNTIME_FIELDS`:
-            drop path, checkpointing, attention backend), and its backbone weights (its heads too
+            architecture, with ``cfg.model``'s fine-tuning fields (:attr:`ModelConfig.FINETUNE_FIELDS`:
+            drop path, checkpointing, attention backend; an encoder's image size, its vision
+            position table resized to it), and its backbone weights (its heads too
             when they are this task's); a resumed run takes the architecture alone.
 
     Raises:
@@ -247,6 +249,7 @@ class Trainer:
         self.stop_requested = any_stop > 0
         if finite:
             self.optimizer.step()
+            update_expert_biases(self.task, self.env.mean_tensor)  # loss-free balancing, from this update's loads
             if self.ema is not None:
                 self.ema.update(self.task.model, step=self.step)
             self.bad_in_a_row = 0
@@ -258,6 +261,7 @@ class Trainer:
             self.bad_steps += 1
             self.bad_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
+            discard_expert_loads(self.task)
         self.step += 1
         return StepInfo(loss, grad_norm_value, finite)
 
