@@ -9,6 +9,7 @@
                                                   -> evaluate -> one table
     mmoe convert beit3 --src FILE --dst DIR       official BEiT-3 checkpoints in (and out: --to torchscale|unilm)
     mmoe convert mot-to-topk RUN --dst DIR        Mixture of Tokens -> top-k MoE (transition tuning)
+    mmoe convert upcycle RUN --config PRESET --dst DIR   dense -> MoE, experts copied (sparse upcycling)
     mmoe inspect RUN_DIR                          loss curves, expert-load heatmaps, summary table
     mmoe compare RUN_DIR... [--out DIR]           runs side by side: loss, perplexity, MoE stats; PNGs
     mmoe presets                                  list the bundled presets and what they are
@@ -153,6 +154,15 @@ def cmd_convert_mot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_upcycle(args: argparse.Namespace) -> int:
+    from .upcycle import upcycle
+
+    path = upcycle(args.src, args.dst, load_config(args.config, args.set), noise=args.noise)
+    print(f"upcycled: {path} ({args.config}, every expert a copy of its layer's dense FFN, routers fresh)\n"
+          f"train it: mmoe pretrain --init {args.dst} --run-dir RUN")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_run
 
@@ -212,6 +222,17 @@ def parser() -> argparse.ArgumentParser:
     mot.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="another setting of the top-k MoE, e.g. --set capacity_factor=1.25 (repeatable)")
     mot.set_defaults(run=cmd_convert_mot)
+    up = converts.add_parser("upcycle", help="sparse upcycling: a dense run's model as a MoE preset, every expert a "
+                                             "copy of its layer's FFN, to train on with mmoe pretrain --init")
+    up.add_argument("src", metavar="RUN", help="the dense run dir or checkpoint")
+    up.add_argument("--config", required=True, help="the MoE preset to upcycle into (the dense model's architecture "
+                                                    "but for its MoE layers)")
+    up.add_argument("--dst", required=True, help="the run dir to create, holding the upcycled checkpoint")
+    up.add_argument("--noise", type=float, default=0.0,
+                    help="Gaussian noise on each copied matrix, times its standard deviation (default: 0)")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value of the preset, e.g. --set model.moe_ffn.bias=true (repeatable)")
+    up.set_defaults(run=cmd_convert_upcycle)
 
     from eval_tasks.cli import add_parsers as add_task_parsers  # finetune, evaluate, predict, demo, convert beit3
 

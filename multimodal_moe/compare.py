@@ -66,6 +66,15 @@ def _or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _ffn_name(ffn: dict[str, Any]) -> str:
+    """kind/router, and the score and routing where they are not the defaults (softmax, token
+    choice): ``topk_moe/xmoe``, ``topk_moe/softmax/sigmoid``, ``topk_moe/softmax/expert_choice``."""
+    parts = [ffn[k] for k in ("kind", "router") if k in ffn]
+    parts += [ffn[k] for k, default in (("score", "softmax"), ("routing", "token_choice"))
+              if ffn.get(k, default) != default]
+    return "/".join(map(str, parts))
+
+
 def _model_summary(run_dir: Path) -> dict[str, Any]:
     """Model kind and size and the sparse FFN (kind/router, experts, top-k) from ``config.yaml``;
     with several different sparse FFNs, their kinds joined by ``+`` and no expert count or top-k."""
@@ -75,9 +84,7 @@ def _model_summary(run_dir: Path) -> dict[str, Any]:
     model = (yaml.safe_load(path.read_text()) or {}).get("model", {})
     ffns = [v for k, v in sorted(model.items(), key=lambda kv: kv[0] != "moe_ffn")
             if k.endswith("ffn") and isinstance(v, dict) and v.get("kind", "dense") != "dense"]
-    sparse = list(dict.fromkeys(
-        ("/".join(str(f[k]) for k in ("kind", "router") if k in f), f.get("num_experts"), f.get("top_k"))
-        for f in ffns))
+    sparse = list(dict.fromkeys((_ffn_name(f), f.get("num_experts"), f.get("top_k")) for f in ffns))
     return {"model": f"{model.get('kind', '?')} {model.get('depth', '?')}x{model.get('dim', '?')}",
             "ffn": " + ".join(kind for kind, _, _ in sparse) or "dense",
             "experts": sparse[0][1] if len(sparse) == 1 else None, "top_k": sparse[0][2] if len(sparse) == 1 else None}

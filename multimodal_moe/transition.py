@@ -60,21 +60,14 @@ def mot_to_topk(src: str | Path, dst: str | Path, *, top_k: int = 1, **overrides
     """Convert the checkpoint ``src`` (a run dir or checkpoint) into the run dir ``dst``; returns
     the new checkpoint's path. ``overrides``: other fields of the top-k MoE config."""
     from .training import build_task
-    from .training.checkpoint import Checkpoint, CheckpointWriter, load_weights, task_states
+    from .training.checkpoint import Checkpoint, converted_checkpoints, load_weights, save_converted
 
     source = Checkpoint.open(src)
     cfg = topk_config(source.config, top_k, **overrides)
-    checkpoints = Path(dst) / "checkpoints"
-    if checkpoints.exists() and any(checkpoints.iterdir()):
-        raise FileExistsError(f"{checkpoints} already holds checkpoints; choose a new --dst")
+    checkpoints = converted_checkpoints(dst)
     mot_task = build_task(source.config)
     source.load_task_weights(mot_task)
     _replace_mot_layers(mot_task, top_k, overrides)
     task = build_task(cfg)
     load_weights(task, mot_task.state_dict(), f"{source.path} converted")  # strict: the layouts agree
-    step = source.training_state()["step"]
-    writer = CheckpointWriter(checkpoints, step, keep=1)
-    model, heads = task_states(task)
-    writer.write(model=model, heads=heads, cfg=cfg,
-                 state={"converted_from": str(source.path), "conversion": f"mot-to-topk (top_k={top_k})"})
-    return writer.commit(keep=1)
+    return save_converted(checkpoints, task, cfg, source, f"mot-to-topk (top_k={top_k})")

@@ -135,3 +135,14 @@ def test_two_real_runs(tmp_path):
     assert math.isfinite(dense["train_loss"]) and math.isfinite(sparse["train_loss"])
     for path in summary["plots"]:
         assert_png(Path(path))
+
+
+def test_the_ffn_column_names_a_sigmoid_score_and_expert_choice():
+    from multimodal_moe.compare import _ffn_name
+
+    assert _ffn_name({"kind": "topk_moe", "router": "xmoe", "score": "softmax", "routing": "token_choice"}) == \
+        "topk_moe/xmoe"
+    assert _ffn_name({"kind": "topk_moe", "router": "softmax", "score": "sigmoid"}) == "topk_moe/softmax/sigmoid"
+    assert _ffn_name({"kind": "topk_moe", "router": "softmax", "routing": "expert_choice"}) == \
+        "topk_moe/softmax/expert_choice"
+    assert _ffn_name({"kind": "mot"}) == "mot"

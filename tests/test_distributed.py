@@ -108,6 +108,8 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("lm/mot_debug", ["train.data_parallel=fsdp"]),  # MoT: experts sharded as ordinary parameters
     ("lm/xmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
     ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
+    # experts with DenseFFN's biases and Sub-LN, each rank holding half of them
+    ("lm/xmoe_debug", ["train.expert_parallel=2", *MOE_EXACT, "model.moe_ffn.bias=true", "model.moe_ffn.sub_ln=true"]),
     # loss-free balancing: each bias moved by the load of the update on both ranks (one all-reduce)
     ("lm/lossfree_debug", ["train.data_parallel=fsdp"]),
     ("lm/lossfree_debug", ["train.expert_parallel=2"]),
@@ -121,9 +123,8 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("finetune/captioning_debug", ["train.data_parallel=ddp", *MOE_EXACT]),
     # masked data modeling: each part the mean over the global batch's masked positions
     ("beit3/debug", ["train.data_parallel=ddp"]),
-], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "lossfree-fsdp",
-        "lossfree-expert-parallel", "retrieval-ddp",
-        "nlvr2-ddp", "classification-ddp", "captioning-ddp", "mmm-ddp"])
+], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "expert-parallel-biases-sub-ln",
+        "lossfree-fsdp", "lossfree-expert-parallel", "retrieval-ddp", "nlvr2-ddp", "classification-ddp", "captioning-ddp", "mmm-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
     base = RETRIEVAL if preset.startswith("finetune/") else MMM if preset.startswith("beit3/") else BASE
     cfg = mm.load_config(preset, [*base, *parallel])

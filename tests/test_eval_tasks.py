@@ -313,14 +313,16 @@ def test_a_finetune_at_a_larger_image_size_resizes_the_pretrained_vision_positio
     """BEiT-3 fine-tunes at 384 / 480 px what it pretrained at 224: the config's image size
     applies, and the position table is resized (bicubic, the CLS row kept); the rest loads as is."""
     from multimodal_moe.models.beit3_weights import resize_vision_positions
-    from multimodal_moe.training import Checkpoint, Trainer, save_checkpoint
+    from multimodal_moe.training import Checkpoint, CheckpointError, Trainer, save_checkpoint
 
     pretrain = mm.load_config("beit3/debug")  # 32 px, 8 px patches: a 4 x 4 grid
     save_checkpoint(tmp_path, 1, task=build_task(pretrain), state={}, cfg=pretrain)
     saved = Checkpoint.open(tmp_path).weights()
     trainer = Trainer(mm.load_config("finetune/vqa_debug", ["model.image_size=48"]), tmp_path / "run",
                       progress=False, init=tmp_path)
-    assert trainer.cfg.model.image_size == 48 and "image_size" not in capsys.readouterr().err
+    assert trainer.cfg.model.image_size == 48
+    err = capsys.readouterr().err
+    assert "training at 48 px what" in err and "resized from 4^2 to 6^2 patches" in err
     loaded = trainer.task.model.state_dict()
     table = loaded["vision_embed.pos_embed"]
     assert table.shape == (1, 1 + 6 * 6, 64) and saved["vision_embed.pos_embed"].shape == (1, 17, 64)
@@ -329,6 +331,9 @@ def test_a_finetune_at_a_larger_image_size_resizes_the_pretrained_vision_positio
     assert all(torch.equal(loaded[k], v) for k, v in saved.items() if k != "vision_embed.pos_embed")
     trainer.train_step([next(iter(trainer.data))])  # 48 px images through it
     trainer.close()
+    with pytest.raises(CheckpointError, match="does not fit the model"):  # elsewhere loading stays strict
+        Checkpoint.open(tmp_path).load_model_into(mm.build_model(mm.load_config("beit3/debug",
+                                                                                 ["model.image_size=48"])))
 
 
 @pytest.mark.parametrize("preset", ["finetune/vqa_debug", "finetune/retrieval_debug", "beit3/debug", "lm/debug"])

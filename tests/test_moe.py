@@ -17,10 +17,26 @@ ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 def expert_oracle(moe, e, x_D):
+    """Expert e as a dense FFN: x W1 (+ b1), the activation (SwiGLU's gate), Sub-LN, W2 (+ b2)."""
     ex = moe.experts
-    h = x_D @ ex.w1_EDF[e]
-    h = F.silu(h) * (x_D @ ex.w3_EDF[e]) if ex.activation == "swiglu" else ACT[ex.activation](h)
-    return h @ ex.w2_EFD[e]
+
+    def linear(x, w, b):
+        return x @ w[e] + (0 if b is None else b[e])
+
+    h = linear(x_D, ex.w1_EDF, ex.b1_EF)
+    h = F.silu(h) * linear(x_D, ex.w3_EDF, ex.b3_EF) if ex.activation == "swiglu" else ACT[ex.activation](h)
+    if ex.norm_weight_EF is not None:
+        h = F.layer_norm(h, h.shape[-1:], ex.norm_weight_EF[e], ex.norm_bias_EF[e], eps=1e-5)
+    return linear(h, ex.w2_EFD, ex.b2_ED)
+
+
+def distinct_norms(moe):
+    """Give every expert its own Sub-LN affine (they start as ones and zeros): a wrong expert's
+    shows."""
+    if moe.experts.norm_weight_EF is not None:
+        with torch.no_grad():
+            moe.experts.norm_weight_EF.add_(torch.randn_like(moe.experts.norm_weight_EF) * 0.5)
+            moe.experts.norm_bias_EF.add_(torch.randn_like(moe.experts.norm_bias_EF) * 0.5)
 
 
 def oracle_choices(moe, x_ND):
@@ -124,6 +140,9 @@ CASES = {
     "sigmoid": dict(score="sigmoid"),
     "sigmoid_renorm_biased": dict(score="sigmoid", renormalize=True, bias_update_rate=1e-3),
     "softmax_biased_capacity": dict(bias_update_rate=1e-3, capacity_factor=0.5),
+    "expert_biases_sub_ln": dict(bias=True, sub_ln=True),
+    "expert_biases_sub_ln_swiglu_capacity": dict(bias=True, sub_ln=True, activation="swiglu", capacity_factor=0.5),
+    "expert_biases_sub_ln_shared_wide": dict(bias=True, sub_ln=True, hidden_dim=40, shared_expert_dim=24),
 }
 
 
@@ -135,6 +154,7 @@ def test_topk_matches_loop_oracle(case, padded, layout):
     moe.dispatch = layout  # both expert layouts give the same tokens the same experts and gates
     if moe.expert_bias is not None:  # a bias that changes choices (the scores of 4 experts are close)
         moe.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
+    distinct_norms(moe)
     x = torch.randn(3, 5, 16, requires_grad=True)
     mask = None
     if padded:
@@ -259,12 +279,14 @@ def mh_oracle(moe, x_BTD, mask=None):
 
 
 @pytest.mark.parametrize("kw", [dict(heads=4), dict(heads=2, top_k=1, capacity_factor=0.5),
-                                dict(heads=4, sub_token_residual=True, router="xmoe"), dict(heads=2, hidden_dim=10)])
+                                dict(heads=4, sub_token_residual=True, router="xmoe"), dict(heads=2, hidden_dim=10),
+                                dict(heads=2, bias=True, sub_ln=True)])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("layout", ["grouped", "padded"])
 def test_mh_moe_matches_oracle(kw, padded, layout):
     moe = make(dim=32, **kw)
     moe.dispatch = layout
+    distinct_norms(moe)
     x = torch.randn(2, 5, 32, requires_grad=True)
     mask = None
     if padded:
@@ -383,10 +405,12 @@ def expert_choice_oracle(moe, x_BTD, mask_BT=None):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(activation="swiglu", top_k=1), dict(capacity_factor=2.0),
-                                dict(router="xmoe", num_experts=8)], ids=["top2", "swiglu-k1", "cf2", "xmoe-8e"])
+                                dict(router="xmoe", num_experts=8), dict(bias=True, sub_ln=True)],
+                         ids=["top2", "swiglu-k1", "cf2", "xmoe-8e", "biases-sub-ln"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_expert_choice_matches_a_loop_oracle(kw, padded):
     moe = make(**{**EC, **kw})
+    distinct_norms(moe)
     x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
     mask = None
     if padded:  # the second sequence half padding, of large values: never chosen over a real token
@@ -465,9 +489,10 @@ def test_bias_update_counts_every_micro_batch_of_the_update_and_nothing_else():
     x1, x2 = torch.randn(2, 5, 16), torch.randn(3, 4, 16)
     mask2 = torch.ones(3, 4, dtype=torch.bool)
     mask2[1, 2:] = False  # padding is not load
-    moe(x1)
-    moe(x2, token_mask_BT=mask2)
-    moe.eval()(x1)  # evaluation is not load
+    for x, mask in ((x1, None), (x2, mask2)):  # what a block does after each forward it runs
+        moe.observe(moe(x, token_mask_BT=mask).stats)
+    moe.eval()
+    moe.observe(moe(x1).stats)  # evaluation is not load
     moe.train()
     chosen = torch.cat([oracle_choices(moe, x1.reshape(-1, 16))[1], oracle_choices(moe, x2[mask2])[1]])
     load = torch.stack([(chosen == e).sum() for e in range(4)]).float()
@@ -475,15 +500,24 @@ def test_bias_update_counts_every_micro_batch_of_the_update_and_nothing_else():
     update_expert_biases(moe, lambda t: seen.append(t.clone()) or t)
     torch.testing.assert_close(seen[0], load)  # one collective for every layer's counts
     torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(load.mean() - load))
-    assert moe.load_E is None  # the next update counts afresh
+    assert moe.load_E.sum() == 0  # the next update counts afresh
     update_expert_biases(moe, lambda t: t)  # an update that saw no tokens: zeros, no move
     torch.testing.assert_close(moe.expert_bias, 0.01 * torch.sign(load.mean() - load))
-    moe(x1)
+    moe.observe(moe(x1).stats)
     discard_expert_loads(moe)  # a skipped (non-finite) step
-    assert moe.load_E is None
+    assert moe.load_E.sum() == 0
+    fresh = make(score="sigmoid", bias_update_rate=0.01)
+    update_expert_biases(fresh, lambda t: t)  # a layer that never ran sends zeros: no move
+    assert fresh.expert_bias.abs().sum() == 0 and fresh.load_E is None
+    plain = make()
+    plain.observe(plain(x1).stats)  # a layer without the bias counts nothing
+    assert plain.load_E is None
 
 
-def test_activation_checkpointing_counts_the_load_once():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_activation_checkpointing_counts_the_load_once(compiled):
+    """The block counts each forward it runs, eagerly and compiled (fullgraph: the count is no
+    graph break), not the recomputation in the backward pass; two passes count twice."""
     from torch import nn
 
     from multimodal_moe.layers.block import Block, run_blocks
@@ -492,10 +526,19 @@ def test_activation_checkpointing_counts_the_load_once():
     cfg = TopKMoEConfig(hidden_dim=32, num_experts=4, top_k=2, score="sigmoid", bias_update_rate=1e-3)
     block = Block(dim=16, heads=2, ffns=cfg, make_norm=lambda: nn.LayerNorm(16))
     x = torch.randn(2, 5, 16, requires_grad=True)
-    y, _, stats = run_blocks([block], x, grad_checkpointing=True)
+
+    def blocks(x):
+        return run_blocks([block], x, grad_checkpointing=True)
+
+    run = torch.compile(blocks, backend="aot_eager", fullgraph=True) if compiled else blocks
+    torch._dynamo.reset()
+    y, _, stats = run(x)
     y.sum().backward()  # reruns the block's forward
     assert block.ffn.load_E.sum() == 2 * 5 * 2
     torch.testing.assert_close(block.ffn.load_E, stats[0]["shared"]["tokens_per_expert"])
+    y, _, _ = run(x)
+    y.sum().backward()
+    torch.testing.assert_close(block.ffn.load_E, 2 * stats[0]["shared"]["tokens_per_expert"])
 
 
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])
@@ -542,13 +585,18 @@ def test_loss_free_balancing_config_refusals():
 
 # -- torch.compile --
 
-@pytest.mark.parametrize("name", [n for n in moe_variants(64) if n != "dense"])
+COMPILED = {**{n: cfg for n, cfg in moe_variants(64).items() if n != "dense"},
+            "top2_of_8_biases_sub_ln": TopKMoEConfig(hidden_dim=32, num_experts=8, top_k=2, bias=True, sub_ln=True)}
+
+
+@pytest.mark.parametrize("name", COMPILED)
 def test_every_ffn_kind_compiles_without_a_graph_break_and_equals_eager(name):
-    """fullgraph=True fails on any graph break (dispatch, routing, the loss-free load count);
+    """fullgraph=True fails on any graph break (dispatch, routing, each row's expert);
     AOTAutograd's graphs run eagerly (backend aot_eager), so the comparison needs no compiler.
     In fp32 on the CPU the compiled layer takes the padded expert layout, eager the grouped one."""
     torch.manual_seed(0)
-    moe = moe_variants(64)[name].build(32)
+    moe = COMPILED[name].build(32)
+    distinct_norms(moe)
     x = torch.randn(32, 4, 32, requires_grad=True)
     compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()

@@ -128,3 +128,20 @@ def test_adafactor_keeps_factored_moments_and_no_momentum():
     state = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if p.dim() == 2]
     assert state and all("exp_avg_sq_row" in s and "exp_avg" not in s for s in state)
     assert all(not torch.equal(before[k], after[k][0]) for k in before)
+
+
+def test_expert_biases_and_sub_ln_are_not_decayed_but_expert_matrices_are():
+    """Per-expert biases and Sub-LN affines are 2-D (E, width): kept out of weight decay by name,
+    as a dense FFN's 1-D ones are by shape, so an upcycled model keeps its dense norms."""
+    cfg = mm.load_config("lm/openmoe_debug", ["model.moe_ffn.bias=true", "model.moe_ffn.sub_ln=true",
+                                              "train.weight_decay=0.05"])
+    task = build_task(cfg)
+    optimizer = build_optimizer(task, cfg.train)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(task.named_parameters())
+    experts = "model.layers.1.ffn.experts."
+    for name in ("b1_EF", "b3_EF", "b2_ED", "norm_weight_EF", "norm_bias_EF"):
+        assert params[experts + name].dim() == 2 and decay[id(params[experts + name])] == 0.0, name
+    for name in ("w1_EDF", "w3_EDF", "w2_EFD"):
+        assert decay[id(params[experts + name])] == 0.05, name
+    assert decay[id(params["model.layers.0.ffn.fc1.bias"])] == 0.0  # a dense FFN's, by shape

@@ -67,8 +67,11 @@ LM_FFNS = {
     "mh_moe_dropless": ("lm/mhmoe_debug", ["model.moe_ffn.capacity_factor=null"]),
     "mot": ("lm/mot_debug", []),
     "loss_free": ("lm/lossfree_debug", []),  # sigmoid gates, the bias update after the optimizer step
+    "expert_biases_sub_ln": ("lm/openmoe_debug", ["model.moe_ffn.capacity_factor=null", "model.moe_ffn.bias=true",
+                                                  "model.moe_ffn.sub_ln=true"]),  # each row's expert, on the device
 }
-DROPLESS_MOE = {"topk_softmax_dropless", "xmoe_dropless", "shared_expert", "mh_moe_dropless", "loss_free"}
+DROPLESS_MOE = {"topk_softmax_dropless", "xmoe_dropless", "shared_expert", "mh_moe_dropless", "loss_free",
+                "expert_biases_sub_ln"}
 MOE_OVERRIDES = ["model.moe_ffn.router=softmax", "model.moe_ffn.capacity_factor=null"]  # evaluation cases
 PRECISIONS = ["fp32", "bf16"]
 # small batches and shuffle buffers: the simulation runs every op in Python

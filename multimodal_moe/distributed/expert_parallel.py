@@ -74,7 +74,7 @@ class ExpertParallelExperts(GroupedExperts):
                              f"{self.ranks}; choose train.expert_parallel among the divisors of num_experts")
         self.local_experts = self.num_experts // self.ranks
         span = slice(self.rank * self.local_experts, (self.rank + 1) * self.local_experts)
-        for name in ("w1_EDF", "w3_EDF", "w2_EFD"):
+        for name in GroupedExperts.PER_EXPERT:
             full = getattr(experts, name)
             setattr(self, name, None if full is None else nn.Parameter(full.detach()[span].clone()))
         self.activation = experts.activation

@@ -12,7 +12,6 @@ kind; it calls the FFN interface of :mod:`multimodal_moe.layers.ffn`.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,7 +21,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionBackend
 from .ffn import FFNConfig
-from .moe import recomputation
 from .multiway import Multiway, per_modality, route, segments
 
 __all__ = ["Block", "BlockStats", "run_blocks"]
@@ -93,11 +91,13 @@ class Block(nn.Module):
         ffn_BTD = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return x_BTD + self.drop_path(ffn_BTD), aux_loss, stats
 
-
-def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """Activation checkpointing's (forward, recomputation) contexts: the rerun is marked, so
-    nothing counted per forward (loss-free balancing's loads) is counted twice."""
-    return contextlib.nullcontext(), recomputation()
+    def observe(self, stats: BlockStats) -> None:
+        """Hand each FFN that learns from its routing between optimizer steps (``observe``:
+        loss-free balancing's loads) the stats of a forward pass of this block that was run."""
+        for name, ffn_stats in stats.items():
+            ffn = self.ffn if name == "shared" else self.ffn[name]
+            if hasattr(ffn, "observe"):
+                ffn.observe(ffn_stats)
 
 
 def run_blocks(blocks: Sequence[Block], x_BTD: torch.Tensor, *, grad_checkpointing: bool = False, **kwargs,
@@ -110,10 +110,10 @@ def run_blocks(blocks: Sequence[Block], x_BTD: torch.Tensor, *, grad_checkpointi
     aux_loss, layer_stats = x_BTD.new_zeros(()), []
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
-            x_BTD, aux, stats = checkpoint(block, x_BTD, use_reentrant=False, context_fn=_recompute_contexts,
-                                           **kwargs)
+            x_BTD, aux, stats = checkpoint(block, x_BTD, use_reentrant=False, **kwargs)
         else:
             x_BTD, aux, stats = block(x_BTD, **kwargs)
+        block.observe(stats)  # here, not in the forward, which checkpointing reruns
         aux_loss = aux_loss + aux
         layer_stats.append(stats)
     return x_BTD, aux_loss, layer_stats

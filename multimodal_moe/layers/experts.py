@@ -110,7 +110,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class GroupedExperts(nn.Module):
     """E independent FFNs stored as 3-D tensors: ``w1_EDF``, ``w2_EFD`` (and ``w3_EDF`` for
-    SwiGLU), no biases, run in :func:`compute_dtype` (input and weights cast to one dtype).
+    SwiGLU), run in :func:`compute_dtype` (input and weights cast to one dtype). With ``bias``
+    each has the biases of :class:`~.ffn.DenseFFN`'s linear layers (``b1_EF``, ``b2_ED``, ``b3_EF``),
+    with ``sub_ln`` its Sub-LN (a LayerNorm of the inner activations, ``norm_weight_EF`` /
+    ``norm_bias_EF``): then expert e computes exactly what a dense FFN of the same config does,
+    which sparse upcycling (:mod:`multimodal_moe.upcycle`) relies on.
 
     - ``forward(x_MD, offsets_E, scale_M)``: rows sorted by expert (grouped matmul);
     - ``forward_batched(x_BMD, expert_B)``: M rows for every expert, or for the expert of each
@@ -121,17 +125,26 @@ class GroupedExperts(nn.Module):
     """
 
     holds_all_experts = True
+    # every per-expert tensor (first dimension E), as expert parallelism shards them
+    PER_EXPERT = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED", "norm_weight_EF", "norm_bias_EF")
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: Activation, init_scale: float = 1.0):
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: Activation, init_scale: float = 1.0,
+                 *, bias: bool = False, sub_ln: bool = False):
         super().__init__()
 
         def weight(fan_in: int, *shape: int) -> nn.Parameter:
-            bound = init_scale / math.sqrt(fan_in)  # nn.Linear's default bound
+            bound = init_scale / math.sqrt(fan_in)  # nn.Linear's default bound (its bias's too)
             return nn.Parameter(torch.empty(num_experts, *shape).uniform_(-bound, bound))
 
+        swiglu = activation == "swiglu"
         self.w1_EDF = weight(dim, dim, hidden_dim)
-        self.w3_EDF = weight(dim, dim, hidden_dim) if activation == "swiglu" else None
+        self.w3_EDF = weight(dim, dim, hidden_dim) if swiglu else None
         self.w2_EFD = weight(hidden_dim, hidden_dim, dim)
+        self.b1_EF = weight(dim, hidden_dim) if bias else None
+        self.b3_EF = weight(dim, hidden_dim) if bias and swiglu else None
+        self.b2_ED = weight(hidden_dim, dim) if bias else None
+        self.norm_weight_EF = nn.Parameter(torch.ones(num_experts, hidden_dim)) if sub_ln else None
+        self.norm_bias_EF = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if sub_ln else None
         self.activation = activation
 
     def forward(self, x_MD: torch.Tensor, offsets_E: torch.Tensor, scale_M: torch.Tensor | None = None
@@ -142,15 +155,21 @@ class GroupedExperts(nn.Module):
         ``scale_M`` multiplies each row's output (the gates), applied to whichever of the hidden
         or the output is narrower."""
         offsets_E = torch.cat([offsets_E[:-1], offsets_E.new_full((1,), x_MD.shape[0])])
-        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, offsets_E), scale_M)
+        pick = None
+        if self.b1_EF is not None or self.norm_weight_EF is not None:  # each row's expert, on the device
+            rows_M = torch.arange(x_MD.shape[0], device=x_MD.device, dtype=offsets_E.dtype)
+            expert_M = torch.searchsorted(offsets_E, rows_M, right=True).clamp_(max=offsets_E.shape[0] - 1)
+            pick = lambda p_EX: p_EX.index_select(0, expert_M)  # noqa: E731
+        return self._mlp(x_MD, lambda x, w: grouped_matmul(x, w, offsets_E), scale_M, pick)
 
     def forward_batched(self, x_BMD: torch.Tensor, expert_B: torch.Tensor | None = None) -> torch.Tensor:
         """M rows for every expert at once: (E, M, D) -> (E, M, D) by batched matmuls; or B
         blocks of M rows, block b for expert ``expert_B[b]`` (its weights gathered per block;
         the matmuls keep the gathered copies for the backward pass)."""
         if expert_B is None:
-            return self._mlp(x_BMD, torch.bmm)
-        return self._mlp(x_BMD, lambda x, w: torch.bmm(x, w.index_select(0, expert_B)))
+            return self._mlp(x_BMD, torch.bmm, pick=lambda p_EX: p_EX[:, None])
+        return self._mlp(x_BMD, lambda x, w: torch.bmm(x, w.index_select(0, expert_B)),
+                         pick=lambda p_EX: p_EX.index_select(0, expert_B)[:, None])
 
     def grouped_without_sync(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` of ``x`` makes no host sync worth avoiding: a grouped kernel
@@ -160,15 +179,26 @@ class GroupedExperts(nn.Module):
             return True
         return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    def _mlp(self, x, matmul, scale=None):
+    def _mlp(self, x, matmul, scale=None, pick=None):
+        """``matmul(rows, w_E..)`` applies each row's expert matrix; ``pick(p_EX)`` gives each row
+        its expert's vector (biases, Sub-LN affine), broadcastable against the rows."""
         dtype = compute_dtype(x)
         x = x.to(dtype)
+
+        def plus(h, b_EX):
+            return h if b_EX is None else h + pick(b_EX.to(dtype))
+
         w1, w2 = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
-        h = matmul(x, w1)
-        h = F.silu(h) * matmul(x, self.w3_EDF.to(dtype)) if self.activation == "swiglu" else \
+        h = plus(matmul(x, w1), self.b1_EF)
+        h = F.silu(h) * plus(matmul(x, self.w3_EDF.to(dtype)), self.b3_EF) if self.activation == "swiglu" else \
             ACTIVATIONS[self.activation](h)
+        if self.norm_weight_EF is not None:  # LayerNorm(F) with each expert's affine in fp32, as DenseFFN's
+            normed = F.layer_norm(h, h.shape[-1:], eps=1e-5).float()  # ffn_norm is under autocast
+            h = (normed * pick(self.norm_weight_EF.float()) + pick(self.norm_bias_EF.float())).to(dtype)
         hidden_dim, dim = w2.shape[1:]
-        if scale is not None and hidden_dim <= dim:  # (s h) W2 = s (h W2)
-            return matmul(h * scale.to(dtype)[:, None], w2)
-        y = matmul(h, w2)
+        if scale is not None and hidden_dim <= dim:  # (s h) W2 + s b2 = s (h W2 + b2)
+            s_M1 = scale.to(dtype)[:, None]
+            y = matmul(h * s_M1, w2)
+            return y if self.b2_ED is None else y + s_M1 * pick(self.b2_ED.to(dtype))
+        y = plus(matmul(h, w2), self.b2_ED)
         return y if scale is None else y * scale.to(dtype)[:, None]

@@ -8,7 +8,10 @@ registered in :class:`FFNConfig` and is called the same way::
     out.aux_loss    # scalar, already weighted (0 for dense)
     out.stats       # {name: tensor}; empty for dense
 
-so a Transformer block is handed an FFN config and never branches on the variant.
+so a Transformer block is handed an FFN config and never branches on the variant. An FFN that
+learns from its routing between optimizer steps (loss-free balancing) also has
+``observe(stats)``, which :func:`~.block.run_blocks` calls with the stats of each forward of a
+block it runs (not again when activation checkpointing recomputes one).
 
 The dense FFN follows torchscale's ``FeedForwardNetwork`` with Sub-LN ("Magneto",
 Foundation Transformers, arXiv 2210.06423): ``fc2(LN(act(fc1(x))))``; the inner LayerNorm is

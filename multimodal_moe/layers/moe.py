@@ -67,14 +67,15 @@ Auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664; DeepSeek-V3, arXiv
 ``bias_update_rate`` gamma > 0 the top-k choice ranks s_e + b_e, where b is a per-expert bias
 that never enters the gates nor any gradient. During training each layer counts its assignments
 per expert over the whole update (every micro-batch; not again when activation checkpointing
-recomputes a forward), and after each optimizer step :func:`update_expert_biases` averages the
-counts over the ranks (one all-reduce for all layers) and moves b_e by gamma * sign(mean load -
-load_e): overloaded experts become less attractive. The bias is a buffer, so checkpoints hold
-it and a resumed run continues it exactly (torchtitan also centres b; the paper does not, nor do
-we). The sequence-wise loss (``sequence_balance_loss_weight``, DeepSeek-V3's complementary one)
+recomputes a forward: :meth:`TopKMoE.observe`), and after each optimizer step
+:func:`update_expert_biases` averages the counts over the ranks (one all-reduce for all layers)
+and moves b_e by gamma * sign(mean load - load_e): overloaded experts become less attractive.
+The bias is a buffer, so checkpoints hold it and a resumed run continues it exactly (torchtitan
+also centres b; the paper does not, nor do we). The sequence-wise loss (``sequence_balance_loss_weight``, DeepSeek-V3's complementary one)
 is the balance loss above computed within each sequence (f and P over its real tokens, P from
 the scores normalised over E) and averaged over the sequences. The balance loss and the
-statistics read the sigmoid scores normalised over E as the router's probabilities.
+statistics read the sigmoid scores normalised over E as the router's probabilities; the router
+z-loss is the logits' whatever the score (for a sigmoid it only keeps them small).
 
 Statistics (``FFNOutput.stats``, detached, no host sync): ``tokens_per_expert`` (E,),
 ``dropped_fraction``, ``router_entropy`` (mean, nats), ``activation_ratio`` (share of experts
@@ -84,10 +85,8 @@ uniform share), ``routed_tokens``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -99,21 +98,8 @@ from .experts import GroupedExperts
 from .ffn import Activation, DenseFFNConfig, FFNConfig, FFNOutput
 
 __all__ = ["MultiHeadMoE", "MultiHeadMoEConfig", "Router", "TopKMoE", "TopKMoEConfig", "discard_expert_loads",
-           "recomputation", "update_expert_biases"]
+           "update_expert_biases"]
 
-_RECOMPUTING = threading.local()  # set while activation checkpointing reruns a forward (on its thread)
-
-
-@contextlib.contextmanager
-def recomputation() -> Iterator[None]:
-    """Entered by activation checkpointing around the forward it reruns in the backward pass, so
-    that the loads of loss-free balancing are counted once (``context_fn`` of
-    ``torch.utils.checkpoint``)."""
-    _RECOMPUTING.active = True
-    try:
-        yield
-    finally:
-        _RECOMPUTING.active = False
 
 
 @FFNConfig.register("topk_moe")
@@ -147,6 +133,9 @@ class TopKMoEConfig(FFNConfig):
             -gamma * sign(load - mean load) after every optimizer step (see the module docstring).
         sequence_balance_loss_weight: DeepSeek-V3's sequence-wise balance loss (0: off; it uses
             1e-4 beside loss-free balancing): the balance loss within each sequence, averaged.
+        bias / sub_ln: the experts (and the shared expert) with the biases and the Sub-LN of a
+            :class:`~.ffn.DenseFFN` (torchscale's experts have both): what sparse upcycling of
+            a dense FFN that has them needs. Off by default (the MoE papers' experts).
     """
 
     hidden_dim: int
@@ -169,6 +158,8 @@ class TopKMoEConfig(FFNConfig):
     score: Literal["softmax", "sigmoid"] = "softmax"
     bias_update_rate: float = 0.0
     sequence_balance_loss_weight: float = 0.0
+    bias: bool = False
+    sub_ln: bool = False
 
     def check(self) -> None:
         for name in ("hidden_dim", "num_experts", "xmoe_dim"):
@@ -312,15 +303,16 @@ class TopKMoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(dim, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim, cfg.activation, init_scale)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim, cfg.activation, init_scale,
+                                      bias=cfg.bias, sub_ln=cfg.sub_ln)
         # loss-free balancing: the bias of the top-k choice (a buffer: checkpointed, never trained)
         # and the update's assignments per expert so far (not a buffer: DDP would broadcast it)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts) if cfg.bias_update_rate > 0 else None)
         self.load_E: torch.Tensor | None = None
         self.shared_expert = None
         if cfg.shared_expert_dim is not None:
-            shared = DenseFFNConfig(hidden_dim=cfg.shared_expert_dim, activation=cfg.activation, sub_ln=False,
-                                    bias=False)
+            shared = DenseFFNConfig(hidden_dim=cfg.shared_expert_dim, activation=cfg.activation, sub_ln=cfg.sub_ln,
+                                    bias=cfg.bias)
             self.shared_expert = shared.build(dim, init_scale=init_scale)
 
     def forward(self, x_BTD: torch.Tensor, *, token_mask_BT: torch.Tensor | None = None) -> FFNOutput:
@@ -407,9 +399,6 @@ class TopKMoE(nn.Module):
         if cfg.sequence_balance_loss_weight:
             aux_loss = aux_loss + cfg.sequence_balance_loss_weight * self._sequence_balance(
                 probs_NE, expert_NK, real_N, sequences)
-        if self.expert_bias is not None and self.training and not getattr(_RECOMPUTING, "active", False):
-            load_E = counts_E.detach().float()
-            self.load_E = load_E if self.load_E is None else self.load_E + load_E
         stats = self._stats(probs_NE, real_N, real, counts_E.float(), share_E, 1 - kept_E.sum().float() / assignments,
                             balance, z_loss)
         return y_ND, aux_loss, stats
@@ -429,9 +418,25 @@ class TopKMoE(nn.Module):
         mean_SE = probs_NE.view(sequences, -1, E).sum(1) / tokens_S.clamp_min(1)[:, None]
         return E * (share_SE * mean_SE).sum() / (tokens_S > 0).sum().clamp_min(1)
 
+    def observe(self, stats: dict[str, torch.Tensor]) -> None:
+        """Count a training forward's assignments per expert (``stats["tokens_per_expert"]``) for
+        loss-free balancing; a no-op for a layer without it or in evaluation. ``run_blocks`` calls
+        it after each block's forward, outside activation checkpointing, so a forward that is
+        recomputed in the backward pass is counted once; a layer used alone is counted by its caller."""
+        if self.expert_bias is None or not self.training:
+            return
+        load_E = stats["tokens_per_expert"].detach().float()
+        if self.load_E is None:  # made once, then added to in place (torch.compile sees one tensor)
+            self.load_E = torch.zeros_like(load_E)
+        self.load_E.add_(load_E)
+
     def take_load(self) -> torch.Tensor | None:
-        """The assignments per expert counted since the last call (None: none), and a fresh count."""
-        load_E, self.load_E = self.load_E, None
+        """The assignments per expert counted since the last call (None: never any), and a fresh
+        count."""
+        if self.load_E is None:
+            return None
+        load_E = self.load_E.clone()
+        self.load_E.zero_()
         return load_E
 
     def _stats(self, probs_NE, real_N, real, tokens_per_expert_E, share_E, dropped_fraction, balance, z_loss

@@ -61,8 +61,9 @@ class ModelConfig(Registry):
     FINETUNE_FIELDS: ClassVar[tuple[str, ...]] = ("drop_path", "grad_checkpointing", "attention_backend")
 
     def with_finetune_fields_of(self, other: ModelConfig) -> ModelConfig:
-        """This architecture with ``other``'s :attr:`FINETUNE_FIELDS`."""
-        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.FINETUNE_FIELDS})
+        """This architecture with ``other``'s :attr:`FINETUNE_FIELDS` (those it has)."""
+        return dataclasses.replace(self, **{name: getattr(other, name) for name in self.FINETUNE_FIELDS
+                                            if hasattr(other, name)})
 
     def check(self) -> None:
         for name in ("depth", "dim", "heads"):

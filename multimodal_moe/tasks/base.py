@@ -226,9 +226,11 @@ class Task(nn.Module):
     # -- hooks for timm's optimizer factory (weight decay exclusions, layer-wise lr decay) --
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters without weight decay beyond the 1-D ones: positions, CLS and mask tokens."""
+        """Parameters without weight decay beyond the 1-D ones: positions, CLS and mask tokens,
+        and the experts' biases and Sub-LN affines (per expert, so 2-D, but biases and norms as
+        a dense FFN's 1-D ones are)."""
         return {name for name, p in self.named_parameters()
-                if re.search(r"(pos_embed|cls_token|mask_token)$", name)}
+                if re.search(r"(pos_embed|cls_token|mask_token|experts\.(b[123]_E[DF]|norm_(weight|bias)_EF))$", name)}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer ids for layer-wise lr decay: embeddings first, then one group per block; heads

@@ -206,6 +206,25 @@ def save_checkpoint(checkpoints_dir: str | Path, step: int, *, task: nn.Module, 
     return writer.commit(keep)
 
 
+def converted_checkpoints(dst: str | Path) -> Path:
+    """The checkpoints folder of the run dir ``dst`` that a conversion is to write; refused when
+    it already holds checkpoints."""
+    checkpoints = Path(dst) / "checkpoints"
+    if checkpoints.exists() and any(checkpoints.iterdir()):
+        raise FileExistsError(f"{checkpoints} already holds checkpoints; choose a new --dst")
+    return checkpoints
+
+
+def save_converted(checkpoints: Path, task: nn.Module, cfg: Config, source: Checkpoint, conversion: str) -> Path:
+    """One checkpoint of ``task`` (``cfg``) converted from ``source``, at its step and without
+    optimizer state, for ``--init`` to start a run from; returns its path."""
+    writer = CheckpointWriter(checkpoints, source.training_state()["step"], keep=1)
+    model, heads = task_states(task)
+    writer.write(model=model, heads=heads, cfg=cfg,
+                 state={"converted_from": str(source.path), "conversion": conversion})
+    return writer.commit(keep=1)
+
+
 def config_differences(saved: Any, requested: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two plain-data configs, with both values."""
     if isinstance(saved, dict) and isinstance(requested, dict):
@@ -356,15 +375,19 @@ class Checkpoint:
         """A weights file (``model``, ``heads`` or ``ema.safetensors``) as a state dict."""
         return self._read(load_file, name)
 
-    def load_model_into(self, model: nn.Module) -> None:
-        """Load the backbone weights (strict: every key present, no extra, same shapes, but for
-        a vision position table resized to the model's image size: :func:`at_image_size`)."""
-        load_weights(model, at_image_size(model, self.weights(MODEL_FILE)), str(self.path / MODEL_FILE))
+    def load_model_into(self, model: nn.Module, *, resize_positions: bool = False) -> None:
+        """Load the backbone weights (strict: every key present, no extra, same shapes; with
+        ``resize_positions`` the vision position table is resized to the model's image size
+        first, :func:`at_image_size`: what ``--init`` does)."""
+        state = self.weights(MODEL_FILE)
+        load_weights(model, at_image_size(model, state) if resize_positions else state, str(self.path / MODEL_FILE))
 
-    def load_task_weights(self, task: nn.Module) -> None:
+    def load_task_weights(self, task: nn.Module, *, resize_positions: bool = False) -> None:
         """Load the backbone into ``task.model`` (as :meth:`load_model_into`) and the task's own
         weights (heads) into the rest of ``task``, both strictly."""
-        heads, backbone = self.weights(HEADS_FILE), at_image_size(task.model, self.weights(MODEL_FILE))
+        heads, backbone = self.weights(HEADS_FILE), self.weights(MODEL_FILE)
+        if resize_positions:
+            backbone = at_image_size(task.model, backbone)
         load_weights(task, {**{f"model.{k}": v for k, v in backbone.items()}, **heads},
                      str(self.path))
 

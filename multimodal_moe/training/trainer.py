@@ -363,11 +363,16 @@ class Trainer:
                 and task.heads_depend_on() == self.task.resolved_config().heads_depend_on()
                 and heads.keys() == own.keys() and all(heads[k].shape == own[k].shape for k in own))
         if same:
-            start.load_task_weights(self.task)
+            start.load_task_weights(self.task, resize_positions=True)
         else:
-            start.load_model_into(self.task.model)
+            start.load_model_into(self.task.model, resize_positions=True)
         if self.env.is_main:
             print(f"--init: {'backbone and heads' if same else 'backbone'} from {start.path}", file=sys.stderr)
+            trained, now = start.config.model, self.cfg.model
+            if getattr(trained, "image_size", None) != getattr(now, "image_size", None):
+                print(f"--init: training at {now.image_size} px what {start.path} trained at {trained.image_size} "
+                      f"px: its vision position table resized from {trained.image_size // trained.patch_size}^2 to "
+                      f"{now.image_size // now.patch_size}^2 patches", file=sys.stderr)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         env, parallel = self.env, self.parallel
