@@ -2,15 +2,18 @@
 
 Every variant is sized so that its experts do the dense FFN's multiply-adds per token
 (:func:`expert_macs_per_token`): top-k MoE with experts of width F_dense / K, expert choice the
-same with C = K * N / E tokens per expert, MH-MoE the same over sub-tokens, Mixture of Tokens with width F_dense * G / E. Each step is
-one forward and backward pass (gradients set to None first, as a training step does) on the
-same (B, T, D) input. Variants are timed interleaved, round after round, so that a slow phase
-of the machine hits them all; the median round gives tokens/s and the ratio to the dense FFN
-measured in the same run. Peak memory is measured in a fresh process per variant: the rise of
-the peak resident set during one step (Linux: the peak is reset through /proc/self/clear_refs).
-With ``transformers`` installed (``pip install 'multimodal_moe[bench]'``), Hugging Face's eager
+same with C = K * N / E tokens per expert, MH-MoE the same over sub-tokens, Mixture of Tokens
+with width F_dense * G / E. Each step is one forward and backward pass (gradients set to None
+first, as a training step does) on the same (B, T, D) input. Variants are timed interleaved,
+round after round, so that a slow phase of the machine hits them all; the median round gives
+tokens/s and the ratio to the dense FFN measured in the same run. Peak memory is measured in a
+fresh process per variant: the rise of the peak resident set during one step (Linux: the peak
+is reset through /proc/self/clear_refs).
+With ``transformers`` installed (``pip install 'multimodal_moe[bench]'``), Hugging Face's
 ``MixtralSparseMoeBlock`` is timed in the same rounds against our ``topk_moe`` with the same
-SwiGLU expert shapes. Unless told otherwise, the benchmark first calls
+SwiGLU expert shapes: its eager experts (a loop over the experts hit) and, in transformers 5.x,
+its ``grouped_mm`` experts (``config._experts_implementation``: sorted rows through
+``torch._grouped_mm``, as ours). Unless told otherwise, the benchmark first calls
 :func:`multimodal_moe.runtime.keep_freed_memory` (the setting a CPU training process should
 use), so that no variant pays for page faults on memory freed by the step before.
 """
@@ -96,12 +99,23 @@ def _step_fn(module: nn.Module, x_BTD: torch.Tensor, returns_ffn_output: bool = 
     return step
 
 
-def _hf_mixtral(dim: int, cfg: TopKMoEConfig) -> nn.Module:
+def _hf_experts_implementations() -> list[str]:
+    """The experts implementations transformers offers besides its eager loop (5.x; none in 4.x)."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return []
+    return list(ALL_EXPERTS_FUNCTIONS.keys())
+
+
+def _hf_mixtral(dim: int, cfg: TopKMoEConfig, experts_implementation: str = "eager") -> nn.Module:
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     hf_cfg = MixtralConfig(hidden_size=dim, intermediate_size=cfg.hidden_dim, num_local_experts=cfg.num_experts,
                            num_experts_per_tok=cfg.top_k, hidden_act="silu", router_jitter_noise=0.0)
+    if experts_implementation != "eager":
+        hf_cfg._experts_implementation = experts_implementation  # transformers 5.x: the experts' forward
     block = MixtralSparseMoeBlock(hf_cfg)
     with torch.no_grad():
         for p in block.parameters():  # its parameters are created uninitialised
@@ -181,7 +195,7 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
         padded.dispatch = "padded"
         steps[f"padded/{name}"] = _step_fn(padded, x_BTD)
 
-    hf_status, hf_pairs = "skipped", {}
+    hf_status, hf_pairs, hf_grouped = "skipped", {}, {}
     if huggingface:
         try:
             import transformers
@@ -196,6 +210,10 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
             steps[f"swiglu/{name}"] = _step_fn(swiglu[name].build(dim), x_BTD)
             steps[f"hf_mixtral/{name}"] = _step_fn(_hf_mixtral(dim, swiglu[name]), x_BTD, returns_ffn_output=False)
             hf_pairs[name] = (f"swiglu/{name}", f"hf_mixtral/{name}")
+            if "grouped_mm" in _hf_experts_implementations():
+                steps[f"hf_mixtral_grouped_mm/{name}"] = _step_fn(_hf_mixtral(dim, swiglu[name], "grouped_mm"), x_BTD,
+                                                                  returns_ffn_output=False)
+                hf_grouped[name] = (f"swiglu/{name}", f"hf_mixtral_grouped_mm/{name}")
 
     seconds = _timed_rounds(steps, rounds, progress)
     rate = {name: tokens / s for name, s in seconds.items()}
@@ -226,12 +244,18 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
                                   name: {"compiled_tokens_per_s": round(rate[f"compiled/{name}"]),
                                          "compiled_vs_eager": round(rate[f"compiled/{name}"] / rate[name], 3)}
                                   for name in variants}}
-    report["huggingface_mixtral_eager"] = {"transformers": hf_status, "variants": {
-        name: {"ours_tokens_per_s": round(rate[ours]), "hf_tokens_per_s": round(rate[theirs]),
-               "ours_vs_hf": round(rate[ours] / rate[theirs], 3),
-               "ours_vs_dense_swiglu": round(rate[ours] / rate["swiglu/dense"], 3),
-               "hf_vs_dense_swiglu": round(rate[theirs] / rate["swiglu/dense"], 3)}
-        for name, (ours, theirs) in hf_pairs.items()}}
+    def versus(pairs: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
+        return {name: {"ours_tokens_per_s": round(rate[ours]), "hf_tokens_per_s": round(rate[theirs]),
+                       "ours_vs_hf": round(rate[ours] / rate[theirs], 3),
+                       "ours_vs_dense_swiglu": round(rate[ours] / rate["swiglu/dense"], 3),
+                       "hf_vs_dense_swiglu": round(rate[theirs] / rate["swiglu/dense"], 3)}
+                for name, (ours, theirs) in pairs.items()}
+
+    report["huggingface_mixtral_eager"] = {"transformers": hf_status, "variants": versus(hf_pairs)}
+    report["huggingface_mixtral_grouped_mm"] = {
+        "transformers": hf_status if hf_grouped or not hf_pairs else f"{hf_status}: no grouped_mm experts (5.x has "
+                                                                     f"them)",
+        "variants": versus(hf_grouped)}
     return report
 
 
