@@ -110,6 +110,9 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     ("lm/mhmoe_debug", ["train.expert_parallel=2", *MOE_EXACT]),
     # experts with DenseFFN's biases and Sub-LN, each rank holding half of them
     ("lm/xmoe_debug", ["train.expert_parallel=2", *MOE_EXACT, "model.moe_ffn.bias=true", "model.moe_ffn.sub_ln=true"]),
+    # the global-batch balance loss (its f over both ranks' tokens) is the balance loss of one process
+    ("lm/openmoe_debug", ["train.data_parallel=ddp", "model.moe_ffn.capacity_factor=null",
+                          "model.moe_ffn.z_loss_weight=0.0", "model.moe_ffn.balance_scope=global"]),
     # loss-free balancing: each bias moved by the load of the update on both ranks (one all-reduce)
     ("lm/lossfree_debug", ["train.data_parallel=fsdp"]),
     ("lm/lossfree_debug", ["train.expert_parallel=2"]),
@@ -124,7 +127,8 @@ def steps_on_rank(rank: int, cfg: mm.Config, run_dir: Path, batches: list, out: 
     # masked data modeling: each part the mean over the global batch's masked positions
     ("beit3/debug", ["train.data_parallel=ddp"]),
 ], ids=["ddp", "fsdp", "fsdp-mot", "expert-parallel-topk", "expert-parallel-mhmoe", "expert-parallel-biases-sub-ln",
-        "lossfree-fsdp", "lossfree-expert-parallel", "retrieval-ddp", "nlvr2-ddp", "classification-ddp", "captioning-ddp", "mmm-ddp"])
+        "global-balance-ddp", "lossfree-fsdp", "lossfree-expert-parallel", "retrieval-ddp", "nlvr2-ddp",
+        "classification-ddp", "captioning-ddp", "mmm-ddp"])
 def test_world_of_two_matches_one_process(tmp_path, preset, parallel):
     base = RETRIEVAL if preset.startswith("finetune/") else MMM if preset.startswith("beit3/") else BASE
     cfg = mm.load_config(preset, [*base, *parallel])

@@ -602,3 +602,12 @@ def test_every_ffn_kind_compiles_without_a_graph_break_and_equals_eager(name):
     torch._dynamo.reset()
     assert_same_with_grads(moe, x, lambda: compiled(x).hidden, lambda: moe(x).hidden)
     torch.testing.assert_close(compiled(x).aux_loss, moe(x).aux_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_the_global_balance_scope_in_one_process_is_the_micro_batch_balance_loss():
+    """Without other ranks (and in evaluation) there is nothing to count over: the same loss, no
+    collective; tests/test_distributed.py checks world 2 against one process."""
+    x = torch.randn(2, 6, 16)
+    for training in (True, False):
+        ours, plain = make(balance_scope="global").train(training), make().train(training)
+        torch.testing.assert_close(ours(x).aux_loss, plain(x).aux_loss, rtol=0, atol=0)

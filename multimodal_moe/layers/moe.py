@@ -46,7 +46,12 @@ Auxiliary loss (already weighted, summed into ``FFNOutput.aux_loss``):
 - balance: E * sum_e f_e * P_e, f_e the share of the N*K assignments made to expert e
   (before dropping), P_e the mean router probability of e. It is 1 at perfect balance for any
   K (the Megatron / megablocks normalisation; HF and ColossalAI's give K) and E when every
-  token goes to one expert with probability 1 (K=1).
+  token goes to one expert with probability 1 (K=1). With ``balance_scope: global`` (the
+  global-batch balance loss, arXiv 2501.11873) f is counted over the micro-batches of all
+  data-parallel ranks together, so that a rank whose tokens are all of one domain is not pushed
+  to spread them; DDP's gradient mean then gives one process's loss on the whole batch. The
+  micro-batches of one update are still balanced one at a time (their counts are not known
+  before the first backward).
 - router z-loss (ST-MoE, arXiv 2202.08906): mean over tokens of logsumexp(logits)^2.
 Defaults are OpenMoE's coefficients, 0.01 and 1e-4.
 
@@ -64,17 +69,17 @@ still reaches them.
 Auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664; DeepSeek-V3, arXiv 2412.19437):
 ``score: sigmoid`` gives each expert its own affinity s_e = sigmoid(logit_e) (the gates; with
 ``renormalize`` divided by their sum over the chosen K, as DeepSeek-V3 does), and with
-``bias_update_rate`` gamma > 0 the top-k choice ranks s_e + b_e, where b is a per-expert bias
-that never enters the gates nor any gradient. During training each layer counts its assignments
-per expert over the whole update (every micro-batch; not again when activation checkpointing
-recomputes a forward: :meth:`TopKMoE.observe`), and after each optimizer step
-:func:`update_expert_biases` averages the counts over the ranks (one all-reduce for all layers)
-and moves b_e by gamma * sign(mean load - load_e): overloaded experts become less attractive.
-The bias is a buffer, so checkpoints hold it and a resumed run continues it exactly (torchtitan
-also centres b; the paper does not, nor do we). The sequence-wise loss (``sequence_balance_loss_weight``, DeepSeek-V3's complementary one)
-is the balance loss above computed within each sequence (f and P over its real tokens, P from
-the scores normalised over E) and averaged over the sequences. The balance loss and the
-statistics read the sigmoid scores normalised over E as the router's probabilities; the router
+``bias_update_rate`` gamma > 0 the top-k choice ranks s_e + b_e, where b is a per-expert bias that
+never enters the gates nor any gradient. During training each layer counts its assignments per
+expert over the whole update (every micro-batch; not again when activation checkpointing recomputes
+a forward: :meth:`TopKMoE.observe`), and after each optimizer step :func:`update_expert_biases`
+averages the counts over the ranks (one all-reduce for all layers) and moves b_e by gamma *
+sign(mean load - load_e): overloaded experts become less attractive. The bias is a buffer, so
+checkpoints hold it and a resumed run continues it exactly (torchtitan also centres b; the paper
+does not, nor do we). The sequence-wise loss (``sequence_balance_loss_weight``, DeepSeek-V3's
+complementary one) is the balance loss above computed within each sequence (f and P over its real
+tokens, P from the scores normalised over E) and averaged over the sequences. The balance loss and
+the statistics read the sigmoid scores normalised over E as the router's probabilities; the router
 z-loss is the logits' whatever the score (for a sigmoid it only keeps them small).
 
 Statistics (``FFNOutput.stats``, detached, no host sync): ``tokens_per_expert`` (E,),
@@ -90,6 +95,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -133,6 +139,9 @@ class TopKMoEConfig(FFNConfig):
             -gamma * sign(load - mean load) after every optimizer step (see the module docstring).
         sequence_balance_loss_weight: DeepSeek-V3's sequence-wise balance loss (0: off; it uses
             1e-4 beside loss-free balancing): the balance loss within each sequence, averaged.
+        balance_scope: micro_batch (the balance loss of each rank's micro-batch) | global (its
+            f counted over the micro-batch of every data-parallel rank, arXiv 2501.11873, as
+            Qwen3-MoE trains: an all-reduce per layer and forward in training).
         bias / sub_ln: the experts (and the shared expert) with the biases and the Sub-LN of a
             :class:`~.ffn.DenseFFN` (torchscale's experts have both): what sparse upcycling of
             a dense FFN that has them needs. Off by default (the MoE papers' experts).
@@ -160,6 +169,7 @@ class TopKMoEConfig(FFNConfig):
     sequence_balance_loss_weight: float = 0.0
     bias: bool = False
     sub_ln: bool = False
+    balance_scope: Literal["micro_batch", "global"] = "micro_batch"
 
     def check(self) -> None:
         for name in ("hidden_dim", "num_experts", "xmoe_dim"):
@@ -393,7 +403,10 @@ class TopKMoE(nn.Module):
 
         assignments = (max(N, 1) if real_N is None else real.clamp_min(1)) * K
         share_E = counts_E.float() / assignments
-        balance = E * (share_E * _masked_mean(probs_NE, real_N, real)).sum()
+        if cfg.balance_scope == "global" and self.training and dist.is_initialized() and dist.get_world_size() > 1:
+            balance = self._global_balance(probs_NE, real_N, counts_E, real)
+        else:
+            balance = E * (share_E * _masked_mean(probs_NE, real_N, real)).sum()
         z_loss = _masked_mean(torch.logsumexp(logits_NE, dim=-1).pow(2), real_N, real)
         aux_loss = cfg.balance_loss_weight * balance + cfg.z_loss_weight * z_loss
         if cfg.sequence_balance_loss_weight:
@@ -402,6 +415,18 @@ class TopKMoE(nn.Module):
         stats = self._stats(probs_NE, real_N, real, counts_E.float(), share_E, 1 - kept_E.sum().float() / assignments,
                             balance, z_loss)
         return y_ND, aux_loss, stats
+
+    def _global_balance(self, probs_NE, real_N, counts_E, real) -> torch.Tensor:
+        """The balance loss of the batch of every rank (arXiv 2501.11873): f from the counts
+        summed over the ranks (one all-reduce of E + 1 numbers, no host sync), P this rank's sum
+        of probabilities over the global tokens per rank, so that the ranks' mean (DDP's gradient
+        mean) is E * sum_e f_e * P_e of the whole batch, exactly as one process computes it."""
+        (N, E), K = probs_NE.shape, self.cfg.top_k
+        totals = torch.cat([counts_E.detach().float(), torch.as_tensor(real, device=probs_NE.device).float()[None]])
+        dist.all_reduce(totals)
+        counts_E, tokens = totals[:E], totals[E].clamp_min(1)
+        probs_sum_E = probs_NE.sum(0) if real_N is None else torch.where(real_N[:, None], probs_NE, 0).sum(0)
+        return E * ((counts_E / (K * tokens)) * probs_sum_E / (tokens / dist.get_world_size())).sum()
 
     def _sequence_balance(self, probs_NE, expert_NK, real_N, sequences: int) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss: E * sum_e f_e * P_e within each sequence (f_e
