@@ -99,13 +99,13 @@ def _step_fn(module: nn.Module, x_BTD: torch.Tensor, returns_ffn_output: bool = 
     return step
 
 
-def _hf_experts_implementations() -> list[str]:
-    """The experts implementations transformers offers besides its eager loop (5.x; none in 4.x)."""
+def _hf_has_grouped_mm() -> bool:
+    """Whether transformers offers grouped_mm experts besides its eager loop (5.x, not 4.x)."""
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     except ImportError:
-        return []
-    return list(ALL_EXPERTS_FUNCTIONS.keys())
+        return False
+    return "grouped_mm" in ALL_EXPERTS_FUNCTIONS.keys()
 
 
 def _hf_mixtral(dim: int, cfg: TopKMoEConfig, experts_implementation: str = "eager") -> nn.Module:
@@ -204,13 +204,13 @@ def bench_moe(*, batch: int = 32, seq: int = 128, dim: int = 512, dense_hidden: 
         except ImportError:
             hf_status, huggingface = "not installed (pip install 'multimodal_moe[bench]')", False
     if huggingface:
-        swiglu = moe_variants(dense_hidden, activation="swiglu")
+        swiglu, grouped_mm = moe_variants(dense_hidden, activation="swiglu"), _hf_has_grouped_mm()
         steps["swiglu/dense"] = _step_fn(swiglu["dense"].build(dim), x_BTD)
         for name in ("top2_of_8", "top2_of_32", "top8_of_64"):
             steps[f"swiglu/{name}"] = _step_fn(swiglu[name].build(dim), x_BTD)
             steps[f"hf_mixtral/{name}"] = _step_fn(_hf_mixtral(dim, swiglu[name]), x_BTD, returns_ffn_output=False)
             hf_pairs[name] = (f"swiglu/{name}", f"hf_mixtral/{name}")
-            if "grouped_mm" in _hf_experts_implementations():
+            if grouped_mm:
                 steps[f"hf_mixtral_grouped_mm/{name}"] = _step_fn(_hf_mixtral(dim, swiglu[name], "grouped_mm"), x_BTD,
                                                                   returns_ffn_output=False)
                 hf_grouped[name] = (f"swiglu/{name}", f"hf_mixtral_grouped_mm/{name}")

@@ -32,8 +32,7 @@ from torch import nn
 
 from .config import Config
 from .configurable import ConfigError
-from .layers.mot import MixtureOfTokens
-from .layers.moe import MultiHeadMoE, TopKMoE
+from .layers.moe import TopKMoE
 
 __all__ = ["upcycle", "upcycled_state"]
 
@@ -44,24 +43,9 @@ EXPERT_SOURCES = {"w1_EDF": ("fc1.weight", True), "w3_EDF": ("fc3.weight", True)
 MATRICES = ("w1_EDF", "w3_EDF", "w2_EFD")
 
 
-def _moe_layers(model: nn.Module) -> dict[str, TopKMoE]:
-    """The top-k MoE FFNs of ``model`` by name; a :class:`ConfigError` for any FFN that cannot be
-    upcycled."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, MultiHeadMoE):
-            raise ConfigError("model.moe_ffn", f"{name} is a Multi-Head MoE: its experts act on sub-tokens of width "
-                                               f"D/h, so no dense FFN is a copy of one; upcycle into topk_moe")
-        if isinstance(module, MixtureOfTokens):
-            raise ConfigError("model.moe_ffn", f"{name} is a Mixture of Tokens, which upcycling does not start")
-        if isinstance(module, TopKMoE):
-            if module.shared_expert is not None:
-                raise ConfigError("model.moe_ffn.shared_expert_dim", f"{name} has a shared expert, which has no "
-                                                                     f"dense counterpart of its width: set it null")
-            layers[name] = module
-    if not layers:
-        raise ConfigError("model.moe_ffn", "the preset has no top-k MoE layer to upcycle into")
-    return layers
+def _moe_layers(model: nn.Module) -> list[str]:
+    """The names of ``model``'s top-k MoE FFNs (not Multi-Head MoE: no dense FFN is a copy of one)."""
+    return [name for name, module in model.named_modules() if type(module) is TopKMoE]
 
 
 def upcycled_state(dense: dict[str, torch.Tensor], model: nn.Module, *, noise: float = 0.0,
@@ -94,27 +78,16 @@ def upcycled_state(dense: dict[str, torch.Tensor], model: nn.Module, *, noise: f
         name = part.removeprefix("experts.")
         source, transpose = EXPERT_SOURCES[name]
         src_key = f"{layer}.{source}"
-        if src_key not in dense:
-            raise ConfigError("model.moe_ffn", f"the experts of {layer} have {name}, the dense FFN has no "
-                                               f"{src_key}: {_fix(name, present=False)}")
-        copy = dense[src_key].t() if transpose else dense[src_key]
-        if copy.shape != value.shape[1:]:
-            raise ConfigError("model.moe_ffn.hidden_dim", f"{layer}'s experts take {name} of {tuple(value.shape[1:])},"
-                                                          f" the dense {src_key} is {tuple(copy.shape)}: the experts "
-                                                          f"must have the dense FFN's width")
+        copy = None if src_key not in dense else dense[src_key].t() if transpose else dense[src_key]
+        if copy is None or copy.shape != value.shape[1:]:
+            have = "missing" if copy is None else f"of shape {tuple(copy.shape)}"
+            raise ConfigError("model.moe_ffn", f"{layer}'s experts take {name} of {tuple(value.shape[1:])}, the dense "
+                                               f"{src_key} is {have}: the experts must be its FFN's copies")
         experts = copy.expand_as(value).clone()
         if noise and name in MATRICES:
             experts += noise * copy.float().std() * torch.randn(experts.shape, generator=generator).to(experts)
         out[key] = experts
         used.add(src_key)
-    for layer in layers:
-        unused = sorted(k for k in dense if k.startswith(layer + ".") and k not in used)
-        if unused:
-            names = [next((n for n, (src, _) in EXPERT_SOURCES.items() if k.endswith(src)), None) for k in unused]
-            fixes = [_fix("w3_EDF", present=True)] if "w3_EDF" in names or None in names else \
-                list(dict.fromkeys(_fix(n, present=True) for n in names))
-            raise ConfigError("model.moe_ffn", f"the dense FFN at {layer} has {', '.join(unused)}, which its "
-                                               f"experts lack: {'; '.join(fixes)}")
     if unused := sorted(set(dense) - used):
         raise ConfigError("model", f"the dense checkpoint holds {len(unused)} tensors the preset has no place for "
                                    f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}): upcycling needs "
@@ -128,33 +101,39 @@ def _check_architecture(dense: Config, moe: Config) -> None:
     from .configurable import to_dict
     from .training.checkpoint import config_differences
 
+    experts = moe.model.moe_ffn
+    kind = getattr(experts, "kind", None)
+    if kind == "mh_moe":
+        raise ConfigError("model.moe_ffn", "a Multi-Head MoE's experts act on sub-tokens of width D/h, so no dense "
+                                           "FFN is a copy of one; upcycle into topk_moe")
+    if kind != "topk_moe":
+        raise ConfigError("model.moe_ffn", f"upcycling starts top-k MoE layers (moe_ffn kind topk_moe), not {kind}")
+    if experts.shared_expert_dim is not None:
+        raise ConfigError("model.moe_ffn.shared_expert_dim", "a shared expert has no dense counterpart of its width: "
+                                                             "set it null")
     free = {"moe_ffn", "moe_every", "moe_layers", "moe_branches", *type(moe.model).FINETUNE_FIELDS}
     differ = [d for d in config_differences(to_dict(dense.model), to_dict(moe.model), "model")
               if d.split()[0].split(".")[1] not in free]
     if differ:
         raise ConfigError("model", f"the preset's model differs from the dense checkpoint's outside its MoE layers: "
                                    f"{'; '.join(differ)}")
-    dense_ffn, experts = dense.model.ffn, moe.model.moe_ffn
-    if getattr(dense_ffn, "activation", None) != getattr(experts, "activation", None):
-        raise ConfigError("model.moe_ffn.activation", f"the experts' {getattr(experts, 'activation', None)} is not "
-                                                      f"the dense FFN's {getattr(dense_ffn, 'activation', None)}")
-
-
-def _fix(name: str | None, *, present: bool) -> str:
-    """The setting that makes the experts match the dense FFN."""
-    value = "true" if present else "false"
-    if name in ("b1_EF", "b3_EF", "b2_ED"):
-        return f"set model.moe_ffn.bias={value}"
-    if name in ("norm_weight_EF", "norm_bias_EF"):
-        return f"set model.moe_ffn.sub_ln={value}"
-    return "give the experts the dense FFN's activation (only swiglu has fc3)"
+    dense_ffn = dense.model.ffn
+    for field, key, what in (("activation", "model.moe_ffn.activation", "is not the dense FFN's {dense}"),
+                             ("hidden_dim", "model.moe_ffn.hidden_dim", "is not {dense}: the experts must have the "
+                                                                        "dense FFN's width"),
+                             ("bias", "model.moe_ffn", "is not the dense FFN's: set model.moe_ffn.bias={dense}"),
+                             ("sub_ln", "model.moe_ffn", "is not the dense FFN's: set model.moe_ffn.sub_ln={dense}")):
+        ours, theirs = getattr(experts, field, None), getattr(dense_ffn, field, None)
+        if ours != theirs:
+            dense_value = str(theirs).lower() if isinstance(theirs, bool) else theirs
+            raise ConfigError(key, f"the experts' {field} {ours} " + what.format(dense=dense_value))
 
 
 def upcycle(src: str | Path, dst: str | Path, cfg: Config, *, noise: float = 0.0) -> Path:
     """Write into the run dir ``dst`` one checkpoint of ``cfg`` (a MoE preset) upcycled from the
     dense checkpoint ``src`` (a run dir or checkpoint); returns its path."""
     from .training import build_task
-    from .training.checkpoint import Checkpoint, converted_checkpoints, load_weights, save_converted, task_states
+    from .training.checkpoint import Checkpoint, converted_checkpoints, load_weights, save_converted
 
     if noise < 0:
         raise ConfigError("noise", f"must be >= 0, got {noise}")
@@ -167,9 +146,7 @@ def upcycle(src: str | Path, dst: str | Path, cfg: Config, *, noise: float = 0.0
     state = upcycled_state(source.weights(), task.model, noise=noise,
                            generator=torch.Generator().manual_seed(cfg.seed))
     load_weights(task.model, state, f"{source.path} upcycled")
-    heads, own, dense_task = source.weights("heads.safetensors"), task_states(task)[1], source.config.task
-    same_task = (dense_task is not None and cfg.task is not None and dense_task.kind == cfg.task.kind
-                 and dense_task.heads_depend_on() == task.resolved_config().heads_depend_on())
-    if same_task and heads.keys() == own.keys() and all(heads[k].shape == own[k].shape for k in own):
-        load_weights(task, {**{f"model.{k}": v for k, v in state.items()}, **heads}, f"{source.path} heads")
+    if source.heads_fit(task):
+        load_weights(task, {**{f"model.{k}": v for k, v in state.items()}, **source.weights("heads.safetensors")},
+                     f"{source.path} heads")
     return save_converted(checkpoints, task, cfg, source, f"upcycle (noise={noise})")

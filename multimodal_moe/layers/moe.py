@@ -421,22 +421,24 @@ class TopKMoE(nn.Module):
         summed over the ranks (one all-reduce of E + 1 numbers, no host sync), P this rank's sum
         of probabilities over the global tokens per rank, so that the ranks' mean (DDP's gradient
         mean) is E * sum_e f_e * P_e of the whole batch, exactly as one process computes it."""
-        (N, E), K = probs_NE.shape, self.cfg.top_k
-        totals = torch.cat([counts_E.detach().float(), torch.as_tensor(real, device=probs_NE.device).float()[None]])
+        E, K = probs_NE.shape[1], self.cfg.top_k
+        local = torch.as_tensor(real, device=probs_NE.device).float()
+        totals = torch.cat([counts_E.detach().float(), local[None]])
         dist.all_reduce(totals)
-        counts_E, tokens = totals[:E], totals[E].clamp_min(1)
-        probs_sum_E = probs_NE.sum(0) if real_N is None else torch.where(real_N[:, None], probs_NE, 0).sum(0)
-        return E * ((counts_E / (K * tokens)) * probs_sum_E / (tokens / dist.get_world_size())).sum()
+        tokens = totals[E].clamp_min(1)
+        # this rank's mean probability, as a share of the mean over every rank's tokens
+        local_share_E = _masked_mean(probs_NE, real_N, real) * (local * dist.get_world_size() / tokens)
+        return E * (totals[:E] / (K * tokens) * local_share_E).sum()
 
     def _sequence_balance(self, probs_NE, expert_NK, real_N, sequences: int) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss: E * sum_e f_e * P_e within each sequence (f_e
         the share of its real tokens' K choices made to e, P_e their mean probability of e), the
         mean over the sequences that hold a real token."""
         (N, E), K = probs_NE.shape, self.cfg.top_k
-        chosen_NE = torch.zeros(N, E + 1, device=probs_NE.device).scatter_(1, expert_NK, 1.0)[:, :E]  # padding: E
+        # padding chose the sentinel expert E, whose column is dropped
+        chosen_NE = torch.zeros(N, E + 1, device=probs_NE.device).scatter_(1, expert_NK, 1.0)[:, :E]
         if real_N is not None:
             probs_NE = torch.where(real_N[:, None], probs_NE, 0)
-            chosen_NE = torch.where(real_N[:, None], chosen_NE, 0)
         tokens_S = probs_NE.new_full((sequences,), N // sequences) if real_N is None else \
             real_N.view(sequences, -1).sum(1).float()
         share_SE = chosen_NE.view(sequences, -1, E).sum(1) / (K * tokens_S.clamp_min(1))[:, None]
@@ -455,11 +457,11 @@ class TopKMoE(nn.Module):
             self.load_E = torch.zeros_like(load_E)
         self.load_E.add_(load_E)
 
-    def take_load(self) -> torch.Tensor | None:
-        """The assignments per expert counted since the last call (None: never any), and a fresh
+    def take_load(self) -> torch.Tensor:
+        """The assignments per expert counted since the last call (zeros if none), and a fresh
         count."""
         if self.load_E is None:
-            return None
+            return self.expert_bias.new_zeros(self.cfg.num_experts)
         load_E = self.load_E.clone()
         self.load_E.zero_()
         return load_E
@@ -588,10 +590,7 @@ def update_expert_biases(module: nn.Module, mean_across_ranks: Callable[[torch.T
     layers = _bias_balanced(module)
     if not layers:
         return
-    loads = [m.take_load() for m in layers]
-    load_L = torch.cat([m.expert_bias.new_zeros(m.cfg.num_experts) if load is None else load.to(m.expert_bias)
-                        for m, load in zip(layers, loads)])
-    load_L = mean_across_ranks(load_L)
+    load_L = mean_across_ranks(torch.cat([m.take_load() for m in layers]))
     for m, load_E in zip(layers, load_L.split([m.cfg.num_experts for m in layers])):
         m.expert_bias.add_(torch.sign(load_E.mean() - load_E), alpha=m.cfg.bias_update_rate)
 

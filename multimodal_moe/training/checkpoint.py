@@ -375,21 +375,30 @@ class Checkpoint:
         """A weights file (``model``, ``heads`` or ``ema.safetensors``) as a state dict."""
         return self._read(load_file, name)
 
+    def _backbone(self, model: nn.Module, resize_positions: bool) -> dict[str, torch.Tensor]:
+        state = self.weights(MODEL_FILE)
+        return at_image_size(model, state) if resize_positions else state
+
     def load_model_into(self, model: nn.Module, *, resize_positions: bool = False) -> None:
         """Load the backbone weights (strict: every key present, no extra, same shapes; with
         ``resize_positions`` the vision position table is resized to the model's image size
         first, :func:`at_image_size`: what ``--init`` does)."""
-        state = self.weights(MODEL_FILE)
-        load_weights(model, at_image_size(model, state) if resize_positions else state, str(self.path / MODEL_FILE))
+        load_weights(model, self._backbone(model, resize_positions), str(self.path / MODEL_FILE))
 
     def load_task_weights(self, task: nn.Module, *, resize_positions: bool = False) -> None:
         """Load the backbone into ``task.model`` (as :meth:`load_model_into`) and the task's own
         weights (heads) into the rest of ``task``, both strictly."""
-        heads, backbone = self.weights(HEADS_FILE), self.weights(MODEL_FILE)
-        if resize_positions:
-            backbone = at_image_size(task.model, backbone)
-        load_weights(task, {**{f"model.{k}": v for k, v in backbone.items()}, **heads},
+        backbone = self._backbone(task.model, resize_positions)
+        load_weights(task, {**{f"model.{k}": v for k, v in backbone.items()}, **self.weights(HEADS_FILE)},
                      str(self.path))
+
+    def heads_fit(self, task: nn.Module) -> bool:
+        """Whether this checkpoint's heads are ``task``'s: the same task kind, names and shapes,
+        and the same meaning (such as a VQA head's answer list). A converted backbone has none."""
+        mine, heads, own = self.config.task, self.weights(HEADS_FILE), task_states(task)[1]
+        return (mine is not None and mine.kind == task.cfg.kind
+                and mine.heads_depend_on() == task.resolved_config().heads_depend_on()
+                and heads.keys() == own.keys() and all(heads[k].shape == own[k].shape for k in own))
 
     def load_task(self, cfg: Config | None = None) -> nn.Module:
         """The task of ``cfg`` (default: the checkpoint's own config) with this checkpoint's

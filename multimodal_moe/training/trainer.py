@@ -357,11 +357,7 @@ class Trainer:
         """A new run's weights from ``start``: its backbone, and its heads too when they are this
         task's (the same kind, names and shapes, and the same meaning, such as a VQA head's answer
         list: continued pretraining, a converted model)."""
-        heads, own = start.weights("heads.safetensors"), task_states(self.task)[1]
-        task = start.config.task  # None for a converted backbone, which has no heads
-        same = (task is not None and task.kind == self.cfg.task.kind
-                and task.heads_depend_on() == self.task.resolved_config().heads_depend_on()
-                and heads.keys() == own.keys() and all(heads[k].shape == own[k].shape for k in own))
+        same = start.heads_fit(self.task)
         if same:
             start.load_task_weights(self.task, resize_positions=True)
         else:
